@@ -67,7 +67,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -570,9 +570,9 @@ def _namespaces_available() -> tuple[bool, str]:
     """Root + util-linux unshare that can really create the namespaces (probed once, on first use)."""
     if "ns" not in _PROBE:
         unshare = shutil.which("unshare")
-        if os.name != "posix" or not hasattr(os, "geteuid") or os.geteuid() != 0:
-            _PROBE["ns"] = (False, "not root: no namespaces, no uid drop (same-uid processes can be signalled, "
-                                   "parent env readable via /proc, network open)")
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            _PROBE["ns"] = (False, "not root: no namespaces and no uid switch (the network stays open, files the "
+                                   "user can write are writable, same-uid processes and /proc/<pid>/environ reachable)")
         elif not unshare:
             _PROBE["ns"] = (False, "unshare not found: no network/pid/mount namespaces")
         else:
@@ -580,6 +580,23 @@ def _namespaces_available() -> tuple[bool, str]:
             _PROBE["ns"] = (r.returncode == 0, "" if r.returncode == 0 else
                             f"unshare failed ({r.stderr.decode(errors='replace').strip()}): no namespaces")
     return _PROBE["ns"]
+
+
+def _count_procs(uid: int) -> int:
+    n = 0
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            n += os.stat(f"/proc/{d}").st_uid == uid
+        except OSError:
+            pass
+    return n
+
+
+def _others_can_run(path: str) -> bool:
+    """Can a uid with no special rights reach and execute `path` (every parent dir o+x, the file o+rx)?"""
+    parts = os.path.abspath(path).split("/")
+    dirs = ["/".join(parts[:i]) or "/" for i in range(1, len(parts))]
+    return all(os.stat(d).st_mode & 0o001 for d in dirs) and os.stat(path).st_mode & 0o005 == 0o005
 
 
 def _children(pid: int) -> list[int]:
@@ -610,7 +627,7 @@ def _kill_tree(pid: int) -> None:
 
 def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, files: dict | None = None,
                   max_output: int = 65536, max_procs: int = 32, max_files: int = 64, file_mb: int = 16,
-                  uid: int = SANDBOX_UID) -> SandboxResult:
+                  uid: int = SANDBOX_UID, namespaces: bool = True) -> SandboxResult:
     """Run untrusted Python `code` as main.py in a fresh directory, isolated as far as this machine allows.
 
     Guarantees (as root with util-linux `unshare`; `isolation` lists what was applied):
@@ -635,15 +652,21 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
       and RLIMIT_AS limits virtual, not resident, memory); RLIMIT_NPROC counts every process of the
       sandbox uid, so concurrent sandboxes share one budget;
     - side channels, timing, and resource exhaustion of shared kernel objects.
-    Without root or unshare it degrades to rlimits + process group + scrubbed env (see `degraded`).
+    Without unshare (or with namespaces=False) it keeps the uid switch, rlimits, process group and scrubbed
+    env; without root also no uid switch. `degraded` then says what is missing.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s: must be > 0, got {timeout_s}")
     if memory_mb < 32:
         raise ValueError(f"memory_mb: must be >= 32 (the interpreter itself needs it), got {memory_mb}")
     use_ns, why = _namespaces_available()
-    workdir = tempfile.mkdtemp(prefix="sandbox-")
+    if not namespaces:
+        use_ns, why = False, "namespaces=False: no network/pid/mount namespaces"
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
     python = os.path.realpath(sys.executable)
+    if root and not use_ns and not _others_can_run(python):
+        root, why = False, why + f"; {python} is not reachable by uid {uid}, so no uid switch (runs as root!)"
+    workdir = tempfile.mkdtemp(prefix="sandbox-")
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
     rlimits = {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": file_mb << 20,
                "RLIMIT_NOFILE": max_files, "RLIMIT_CORE": 0}
@@ -653,14 +676,12 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
                                  if any(p.startswith(h + "/") for h in hide)]
     keep = [(p, ro) for p, ro in keep if not any(p != q and p.startswith(q + "/") for q, _ in keep)]
     cfg = {"mount": use_ns, "hide": hide, "keep": keep, "workdir": workdir, "python": python, "env": env,
-           "rlimits": rlimits, "uid": uid if use_ns else None}
-    if use_ns:
-        cfg["rlimits"]["RLIMIT_NPROC"] = max_procs  # applies to the uid we switch to (root would ignore it)
-        os.chown(workdir, uid, uid)
-        cmd = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child"]
-        isolation = ("process", "env", "rlimits", "pgroup", "netns", "pidns", "mountns", f"uid={uid}")
-    else:
-        cmd, isolation = [], ("process", "env", "rlimits", "pgroup")
+           "rlimits": rlimits, "uid": uid if root else None}
+    # RLIMIT_NPROC counts every process of the real uid and root ignores it: switch uid, or add our own count.
+    rlimits["RLIMIT_NPROC"] = max_procs if root else _count_procs(os.getuid()) + max_procs
+    cmd = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child"] if use_ns else []
+    isolation = ("process", "env", "rlimits", "pgroup") + (("netns", "pidns", "mountns") if use_ns else ()) + (
+        (f"uid={uid}",) if root else ())
     with open(os.path.join(workdir, "main.py"), "w") as f:
         f.write(code)
     for name, text in (files or {}).items():
@@ -670,10 +691,10 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
-    if use_ns:
-        for root, dirs, fs in os.walk(workdir):
-            for n in dirs + fs:
-                os.chown(os.path.join(root, n), uid, uid)
+    if root:
+        for top, dirs, fs in os.walk(workdir):
+            for n in [""] + dirs + fs:
+                os.chown(os.path.join(top, n), uid, uid)
 
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd + [python, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)], cwd=workdir, env=env,
@@ -711,3 +732,719 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
     oom = any(s in err for s in ("MemoryError", "Cannot allocate memory", "std::bad_alloc"))
     ok = code_ == 0 and not (timed_out or flood.is_set() or oom)
     return SandboxResult(ok, code_, timed_out, oom, flood.is_set(), out, err, wall, isolation, why)
+
+
+# ---- agentic synthesis: tool specs and schema validation ----
+
+def _tool(name, domain, description, properties, required=None, simulated=False):
+    return {"name": name, "domain": domain, "description": description, "simulated": simulated,
+            "parameters": {"type": "object", "properties": properties,
+                           "required": list(properties) if required is None else required,
+                           "additionalProperties": False}}
+
+
+def _arg(type_, description, **kw):
+    return {"type": type_, "description": description, **kw}
+
+
+UNITS = {"km": ("length", 1000.0), "m": ("length", 1.0), "mi": ("length", 1609.344), "ft": ("length", 0.3048),
+         "kg": ("mass", 1.0), "lb": ("mass", 0.45359237), "l": ("volume", 1.0), "gal": ("volume", 3.785411784)}
+DATE = r"^\d{4}-\d{2}-\d{2}$"
+TOOL_SPECS = [
+    _tool("calculator", "math", "Evaluate an arithmetic expression with + - * / ** and parentheses.",
+          {"expression": _arg("string", "e.g. '3 * (4 + 5)'")}),
+    _tool("convert_units", "units", "Convert a quantity between units of the same kind.",
+          {"value": _arg("number", "the quantity"), "from_unit": _arg("string", "unit", enum=sorted(UNITS)),
+           "to_unit": _arg("string", "unit", enum=sorted(UNITS))}),
+    _tool("days_between", "dates", "Number of days from start to end (ISO dates).",
+          {"start": _arg("string", "YYYY-MM-DD", pattern=DATE), "end": _arg("string", "YYYY-MM-DD", pattern=DATE)}),
+    _tool("add_days", "dates", "The ISO date `days` days after `date`.",
+          {"date": _arg("string", "YYYY-MM-DD", pattern=DATE), "days": _arg("integer", "may be negative")}),
+    _tool("kv_set", "memory", "Store a value under a key.", {"key": _arg("string", "key"),
+                                                              "value": _arg("string", "value")}),
+    _tool("kv_get", "memory", "Read the value stored under a key.", {"key": _arg("string", "key")}),
+    _tool("search_flights", "travel", "List flights between two cities on a date.",
+          {"origin": _arg("string", "city"), "destination": _arg("string", "city"),
+           "date": _arg("string", "YYYY-MM-DD", pattern=DATE)}, simulated=True),
+    _tool("book_flight", "travel", "Book a seat on a flight.", {"flight_id": _arg("string", "from search_flights"),
+                                                               "passenger": _arg("string", "full name")},
+          simulated=True),
+    _tool("cancel_booking", "travel", "Cancel a booking.", {"booking_id": _arg("string", "id")}, simulated=True),
+    _tool("search_products", "shopping", "Search the catalogue.", {"query": _arg("string", "product kind"),
+                                                                  "max_price": _arg("number", "optional cap")},
+          required=["query"], simulated=True),
+    _tool("add_to_cart", "shopping", "Put a product in the cart.",
+          {"product_id": _arg("string", "id"), "quantity": _arg("integer", "how many", minimum=1)}, simulated=True),
+    _tool("checkout", "shopping", "Pay for the cart and place the order.", {}, simulated=True),
+    _tool("create_event", "calendar", "Add an event to the calendar.",
+          {"title": _arg("string", "title"), "date": _arg("string", "YYYY-MM-DD", pattern=DATE),
+           "time": _arg("string", "HH:MM", pattern=r"^\d{2}:\d{2}$")}, simulated=True),
+    _tool("list_events", "calendar", "Events on a date.", {"date": _arg("string", "YYYY-MM-DD", pattern=DATE)},
+          simulated=True),
+    _tool("run_python", "code", "Run a Python program in a sandbox; returns exit code, stdout and stderr.",
+          {"code": _arg("string", "a complete program")}),
+]
+TOOLS = {t["name"]: t for t in TOOL_SPECS}
+
+
+def validate_args(schema: dict, value, path: str = "arguments") -> list[str]:
+    """The subset of JSON Schema the specs use: type, properties, required, additionalProperties, enum,
+    minimum, pattern. Returns readable errors (empty = valid)."""
+    types = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+    t = schema.get("type")
+    if t and (not isinstance(value, types[t]) or (isinstance(value, bool) and t in ("integer", "number"))):
+        return [f"{path} must be {t}, got {type(value).__name__} {json.dumps(value)[:40]}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path} must be one of {schema['enum']}, got {json.dumps(value)}")
+    if "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{path} must be >= {schema['minimum']}, got {value}")
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{path} must match {schema['pattern']}, got {json.dumps(value)}")
+    if t == "object":
+        props = schema.get("properties", {})
+        errors += [f"{path}.{k} is required" for k in schema.get("required", []) if k not in value]
+        if schema.get("additionalProperties") is False:
+            errors += [f"{path}.{k} is not a parameter (allowed: {sorted(props)})" for k in value if k not in props]
+        for k, v in value.items():
+            if k in props:
+                errors += validate_args(props[k], v, f"{path}.{k}")
+    return errors
+
+
+def safe_eval(expression: str) -> float:
+    """Arithmetic only: numbers, + - * / // % **, unary +/-; no names, calls or attributes."""
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+           ast.Pow: lambda a, b: a ** b if abs(b) <= 64 else _raise(ValueError("exponent too large"))}
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -ev(node.operand) if isinstance(node.op, ast.USub) else ev(node.operand)
+        raise ValueError(f"unsupported expression element: {type(node).__name__}")
+
+    if len(expression) > 200:
+        raise ValueError("expression longer than 200 characters")
+    return ev(ast.parse(expression, mode="eval"))
+
+
+def _raise(e):
+    raise e
+
+
+# ---- agentic synthesis: a stateful tool runtime (real tools + simulated services with failures) ----
+
+class ToolRuntime:
+    """Executes tool calls for one trajectory. Real tools run Python; simulated ones read and write `state`.
+
+    `failures` = {tool name: n} makes the first n calls of that tool fail with a transient error (controlled
+    failure injection). `execute` never raises: every problem becomes {"error": ...} for the agent to read.
+    """
+
+    def __init__(self, tools: list[str], world: dict | None = None, failures: dict | None = None):
+        self.tools = {n: TOOLS[n] for n in tools}
+        self.state = {"kv": {}, "bookings": {}, "cart": [], "orders": [], "events": []}
+        self.world = world or {}
+        self.failures = dict(failures or {})
+        self.log: list[dict] = []   # one entry per call: name, ok, error kind
+
+    def execute(self, call: dict) -> str:
+        name, raw = call["function"]["name"], call["function"]["arguments"]
+        kind, out = "ok", None
+        if name not in self.tools:
+            kind, out = "unknown_tool", {"error": f"unknown tool {name!r}; available: {sorted(self.tools)}"}
+        else:
+            try:
+                args = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError as e:
+                args, kind, out = None, "bad_json", {"error": f"arguments are not valid JSON: {e.msg} at {e.pos}"}
+            if out is None and not isinstance(args, dict):
+                kind, out = "bad_json", {"error": "arguments must be a JSON object"}
+            if out is None and (errs := validate_args(self.tools[name]["parameters"], args)):
+                kind, out = "schema", {"error": "invalid arguments: " + "; ".join(errs)}
+            if out is None and self.failures.get(name, 0) > 0:
+                self.failures[name] -= 1
+                kind, out = "transient", {"error": "503 service temporarily unavailable, retry later"}
+            if out is None:
+                try:
+                    out = {"result": getattr(self, "_" + name)(**args)}
+                except Exception as e:  # noqa: BLE001 - a failing tool is an observation, never a crash
+                    kind, out = "tool_error", {"error": f"{type(e).__name__}: {e}"}
+        self.log.append({"name": name, "ok": kind == "ok", "kind": kind, "id": call["id"]})
+        return json.dumps(out)
+
+    # real tools
+    def _calculator(self, expression):
+        return round(safe_eval(expression), 6)
+
+    def _convert_units(self, value, from_unit, to_unit):
+        (k1, f1), (k2, f2) = UNITS[from_unit], UNITS[to_unit]
+        if k1 != k2:
+            raise ValueError(f"cannot convert {k1} ({from_unit}) to {k2} ({to_unit})")
+        return round(value * f1 / f2, 4)
+
+    def _days_between(self, start, end):
+        return (_date(end) - _date(start)).days
+
+    def _add_days(self, date, days):
+        return (_date(date) + _timedelta(days=days)).isoformat()
+
+    def _kv_set(self, key, value):
+        self.state["kv"][key] = value
+        return "stored"
+
+    def _kv_get(self, key):
+        if key not in self.state["kv"]:
+            raise KeyError(f"no value stored under {key!r}")
+        return self.state["kv"][key]
+
+    def _run_python(self, code):
+        r = run_sandboxed(code, timeout_s=5.0, memory_mb=256)
+        return {"exit_code": r.exit_code, "timed_out": r.timed_out, "stdout": r.stdout[-800:],
+                "stderr": r.stderr[-800:]}
+
+    # simulated services: answers come from the task's world, effects go to `state`
+    def _search_flights(self, origin, destination, date):
+        return [f for f in self.world.get("flights", []) if (f["from"], f["to"], f["date"]) == (origin, destination,
+                                                                                                 date)]
+
+    def _book_flight(self, flight_id, passenger):
+        if not any(f["id"] == flight_id for f in self.world.get("flights", [])):
+            raise ValueError(f"no flight {flight_id!r}")
+        booking = f"BK{len(self.state['bookings']) + 1:04d}"
+        self.state["bookings"][booking] = {"flight_id": flight_id, "passenger": passenger}
+        return {"booking_id": booking}
+
+    def _cancel_booking(self, booking_id):
+        if self.state["bookings"].pop(booking_id, None) is None:
+            raise KeyError(f"no booking {booking_id!r}")
+        return "cancelled"
+
+    def _search_products(self, query, max_price=None):
+        return [p for p in self.world.get("products", [])
+                if query.lower() in p["name"].lower() and (max_price is None or p["price"] <= max_price)]
+
+    def _add_to_cart(self, product_id, quantity):
+        if not any(p["id"] == product_id for p in self.world.get("products", [])):
+            raise ValueError(f"no product {product_id!r}")
+        self.state["cart"].append({"product_id": product_id, "quantity": quantity})
+        return {"cart_size": len(self.state["cart"])}
+
+    def _checkout(self):
+        if not self.state["cart"]:
+            raise ValueError("cart is empty")
+        self.state["orders"].append(self.state["cart"])
+        self.state["cart"] = []
+        return {"order_id": f"OR{len(self.state['orders']):04d}"}
+
+    def _create_event(self, title, date, time):
+        _date(date)
+        self.state["events"].append({"title": title, "date": date, "time": time})
+        return "created"
+
+    def _list_events(self, date):
+        return [e for e in self.state["events"] if e["date"] == date]
+
+
+def _date(s: str):
+    import datetime
+    return datetime.date.fromisoformat(s)
+
+
+def _timedelta(**kw):
+    import datetime
+    return datetime.timedelta(**kw)
+
+
+# ---- agentic synthesis: agents, tasks with rubrics, user simulator, expert policy, judge ----
+
+AGENTS = {
+    "analyst": ("You are a careful assistant for numbers, units, dates and notes. Use tools for every "
+                "computation; never guess.", ["calculator", "convert_units", "days_between", "add_days",
+                                              "kv_set", "kv_get"]),
+    "travel_agent": ("You are a travel agent. Find and book flights and keep the customer's calendar.",
+                     ["search_flights", "book_flight", "cancel_booking", "create_event", "days_between"]),
+    "shop_assistant": ("You are a shopping assistant. Find products, fill the cart and check out.",
+                       ["search_products", "add_to_cart", "checkout", "calculator", "convert_units"]),
+    "coder": ("You are a programmer. Write the requested function, test it with run_python, and reply with "
+              "the final code in a ```python block.", ["run_python"]),
+}
+CITIES = ATTRIBUTES["hometown"]
+PERSONAS = [("terse", "{goal}"), ("polite", "Hello! Could you please help me? {goal} Thank you."),
+            ("chatty", "Hi there, hope your day is going well. So, {goal} That's all, I think!")]
+CODE_PROBLEMS = {  # name: (request, correct solution, buggy solution, tests)
+    "is_palindrome": ("Write is_palindrome(s) that ignores case and non-letters.",
+                      "def is_palindrome(s):\n    t = [c.lower() for c in s if c.isalpha()]\n    return t == t[::-1]\n",
+                      "def is_palindrome(s):\n    return s == s[::-1]\n",
+                      "assert is_palindrome('Never odd or even')\nassert not is_palindrome('abc')\n"),
+    "running_sum": ("Write running_sum(xs) returning the prefix sums of a list.",
+                    "def running_sum(xs):\n    out, t = [], 0\n    for x in xs:\n        t += x\n        out.append(t)\n"
+                    "    return out\n",
+                    "def running_sum(xs):\n    return [sum(xs[:i]) for i in range(len(xs))]\n",
+                    "assert running_sum([1, 2, 3]) == [1, 3, 6]\nassert running_sum([]) == []\n"),
+    "gcd": ("Write gcd(a, b) for non-negative integers.",
+            "def gcd(a, b):\n    while b:\n        a, b = b, a % b\n    return a\n",
+            "def gcd(a, b):\n    return min(a, b)\n",
+            "assert gcd(12, 18) == 6\nassert gcd(7, 0) == 7\nassert gcd(9, 4) == 1\n"),
+    "word_count": ("Write word_count(text) returning a dict of lower-cased word counts.",
+                   "def word_count(text):\n    d = {}\n    for w in text.lower().split():\n        d[w] = d.get(w, 0) + 1\n"
+                   "    return d\n",
+                   "def word_count(text):\n    return {w: 1 for w in text.split()}\n",
+                   "assert word_count('a A b') == {'a': 2, 'b': 1}\nassert word_count('') == {}\n"),
+}
+
+
+@dataclass
+class Rubric:
+    required_calls: tuple = ()          # tools that must have succeeded at least once
+    expected_answer: str | None = None  # must appear in the final assistant message
+    expected_state: dict | None = None  # subset of the runtime state at the end
+    tests: str | None = None            # code tasks: the final code must pass these in the sandbox
+    max_turns: int = 16
+
+
+@dataclass
+class Task:
+    id: str
+    kind: str
+    agent: str
+    goal: str                 # what the user wants, in words
+    slots: dict               # facts the user knows; some are held back until asked
+    withheld: str | None      # slot the user forgets to mention at first
+    rubric: Rubric
+    world: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)
+    persona: tuple = ("terse", "{goal}")
+
+
+def make_tasks(n: int, seed: int = 0, failure_rate: float = 0.2) -> list[Task]:
+    """Tasks with explicit rubrics, drawn across the agents' domains."""
+    rng, tasks = random.Random(seed), []
+    kinds = ["arith", "convert", "dates", "remember", "flight", "shop", "code"]
+    for i in range(n):
+        kind, persona = kinds[i % len(kinds)], rng.choice(PERSONAS)
+        tid = f"task{i:04d}-{kind}"
+        if kind == "arith":
+            q, p, t = rng.randint(2, 9), rng.choice([4.5, 12.0, 19.99, 7.25]), rng.choice([5, 8, 20])
+            ans = f"{round(q * p * (1 + t / 100), 2):g}"
+            task = Task(tid, kind, "analyst", f"What do {q} items at {p} each cost with {t}% tax?",
+                        {"q": q, "p": p, "t": t}, None, Rubric(("calculator",), ans))
+        elif kind == "convert":
+            kind_units = rng.choice([("km", "mi"), ("mi", "km"), ("kg", "lb"), ("gal", "l"), ("ft", "m")])
+            v = rng.randint(1, 200)
+            ans = f"{round(v * UNITS[kind_units[0]][1] / UNITS[kind_units[1]][1], 4):g}"
+            task = Task(tid, kind, "analyst", f"How much is {v} {kind_units[0]} in {kind_units[1]}?",
+                        {"v": v, "from": kind_units[0], "to": kind_units[1]}, None, Rubric(("convert_units",), ans))
+        elif kind == "dates":
+            a = _date("2026-01-01") + _timedelta(days=rng.randint(0, 300))
+            b = a + _timedelta(days=rng.randint(1, 120))
+            task = Task(tid, kind, "analyst", f"How many days are there from {a} to {b}?",
+                        {"start": a.isoformat(), "end": b.isoformat()}, None,
+                        Rubric(("days_between",), str((b - a).days)))
+        elif kind == "remember":
+            key, val = rng.choice(["locker code", "wifi password", "parking spot"]), str(rng.randint(1000, 9999))
+            task = Task(tid, kind, "analyst", f"Please remember my {key}: {val}.", {"key": key, "value": val}, None,
+                        Rubric(("kv_set",), val, {"kv": {key: val}}))
+        elif kind == "flight":
+            o, d = rng.sample(CITIES, 2)
+            date = (_date("2026-12-01") + _timedelta(days=rng.randint(0, 30))).isoformat()
+            flights = [{"id": f"FL{rng.randint(100, 999)}{j}", "from": o, "to": d, "date": date,
+                        "price": rng.randint(80, 400), "depart": f"{rng.randint(6, 21):02d}:{rng.choice(['00', '30'])}"}
+                       for j in range(rng.randint(2, 4))]
+            best = min(flights, key=lambda f: f["price"])
+            name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+            task = Task(tid, kind, "travel_agent", f"Book me the cheapest flight from {o} to {d} on {date}. "
+                        f"The passenger is {name}.", {"origin": o, "destination": d, "date": date, "passenger": name},
+                        "date", Rubric(("search_flights", "book_flight"), best["id"],
+                                       {"bookings": {"BK0001": {"flight_id": best["id"], "passenger": name}}}),
+                        {"flights": flights}, {"search_flights": 1} if rng.random() < failure_rate else {})
+        elif kind == "shop":
+            item = rng.choice(["kettle", "lamp", "backpack", "umbrella"])
+            products = [{"id": f"P{rng.randint(1000, 9999)}", "name": f"{rng.choice(['Basic', 'Deluxe', 'Eco'])} {item}",
+                         "price": rng.randint(10, 90)} for _ in range(3)]
+            best, qty = min(products, key=lambda p: p["price"]), rng.randint(1, 3)
+            task = Task(tid, kind, "shop_assistant", f"Buy {qty} of the cheapest {item} and check out.",
+                        {"item": item, "qty": qty}, "qty",
+                        Rubric(("search_products", "add_to_cart", "checkout"), None,
+                               {"orders": [[{"product_id": best["id"], "quantity": qty}]]}),
+                        {"products": products}, {"add_to_cart": 1} if rng.random() < failure_rate else {})
+        else:
+            name = rng.choice(sorted(CODE_PROBLEMS))
+            task = Task(tid, kind, "coder", CODE_PROBLEMS[name][0], {"problem": name}, None,
+                        Rubric(("run_python",), None, None, CODE_PROBLEMS[name][3]))
+        task.persona = persona
+        tasks.append(task)
+    return tasks
+
+
+class UserSimulator:
+    """A user with a persona and a goal; holds back one slot until the agent asks for it, then says thanks."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    def opening(self) -> str:
+        goal = self.task.goal
+        if self.task.withheld:
+            goal = {"date": lambda g: re.sub(r" on \d{4}-\d{2}-\d{2}", "", g),
+                    "qty": lambda g: re.sub(r"Buy \d+ of", "Buy some of", g)}[self.task.withheld](goal)
+        return self.task.persona[1].format(goal=goal)
+
+    def reply(self, assistant_text: str) -> str | None:
+        w = self.task.withheld
+        if w and "?" in assistant_text:
+            value = self.task.slots[w]
+            return {"date": f"On {value}.", "qty": f"{value}, please."}[w]
+        return None  # the user is done
+
+
+class ScriptedExpert:
+    """An agent policy that knows how to solve each task kind, written as a generator: it yields assistant
+    messages and receives tool results (dicts) or the user's reply (str) back.
+
+    Recoverable mistakes (each tool call, prob `p_slip`): bad JSON, wrong argument type, misspelled tool; the
+    tool error comes back and the expert retries correctly. Fatal mistakes (per trajectory, prob `p_fatal`):
+    skip a required tool, arithmetic slip, give up after a transient failure, pick the wrong item, ship buggy
+    code. The judge must catch every fatal one.
+    """
+
+    def __init__(self, seed: int = 0, p_slip: float = 0.15, p_fatal: float = 0.25):
+        self.rng, self.p_slip, self.p_fatal = random.Random(seed), p_slip, p_fatal
+        self.n_calls, self.fatal = 0, None
+
+    def run(self, task: Task):
+        self.fatal = None  # set to the fatal mistake's name when one is actually made
+        return getattr(self, "_" + task.kind)(task, self.rng.random() < self.p_fatal)
+
+    def _msg(self, text=None, calls=None):
+        return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+
+    def call(self, name: str, args: dict):
+        """Sub-generator: one tool call, maybe preceded by a realistic malformed attempt."""
+        if self.rng.random() < self.p_slip:
+            kind = self.rng.choice(["bad_json", "wrong_type", "unknown_tool"])
+            bad_name, bad_args = name, json.dumps(args)
+            if kind == "bad_json":
+                bad_args = bad_args[:-1] if len(bad_args) > 2 else "{'oops': 1}"
+            elif kind == "wrong_type" and args:
+                k = next(iter(args))
+                bad_args = json.dumps({**args, k: str(args[k]) if not isinstance(args[k], str) else 0})
+            else:
+                bad_name = name[:-1] if name.endswith("s") else name + "s"
+            yield self._msg(calls=[self._call(bad_name, bad_args)])
+        result = yield self._msg(calls=[self._call(name, json.dumps(args))])
+        return result
+
+    def _call(self, name, raw):
+        self.n_calls += 1
+        return {"id": f"call_{self.n_calls}", "type": "function", "function": {"name": name, "arguments": raw}}
+
+    def _arith(self, task, fatal):
+        q, p, t = task.slots["q"], task.slots["p"], task.slots["t"]
+        if fatal and self.rng.random() < 0.5:  # fatal: answers from "memory", without the calculator
+            self.fatal = "skipped tool"
+            yield self._msg(f"That comes to about {round(q * p, 2):g}.")
+            return
+        r = yield from self.call("calculator", {"expression": f"{q} * {p} * (1 + {t} / 100)"})
+        value = round(r["result"], 2) + (1 if fatal else 0)  # fatal: an arithmetic slip copying the result
+        self.fatal = "arithmetic slip" if fatal else None
+        yield self._msg(f"{q} x {p} plus {t}% tax is {value:g}.")
+
+    def _convert(self, task, fatal):
+        s = task.slots
+        if fatal:
+            self.fatal = "skipped tool"
+            yield self._msg(f"{s['v']} {s['from']} is roughly {s['v'] * 2} {s['to']}.")
+            return
+        r = yield from self.call("convert_units", {"value": s["v"], "from_unit": s["from"], "to_unit": s["to"]})
+        yield self._msg(f"{s['v']} {s['from']} = {r['result']:g} {s['to']}.")
+
+    def _dates(self, task, fatal):
+        r = yield from self.call("days_between", {"start": task.slots["start"], "end": task.slots["end"]})
+        self.fatal = "arithmetic slip" if fatal else None
+        yield self._msg(f"There are {r['result'] + (1 if fatal else 0)} days between those dates.")
+
+    def _remember(self, task, fatal):
+        s = task.slots
+        if not fatal:
+            yield from self.call("kv_set", {"key": s["key"], "value": s["value"]})
+        self.fatal = "skipped tool" if fatal else None
+        yield self._msg(f"Got it: your {s['key']} is {s['value']}.")
+
+    def _flight(self, task, fatal):
+        s = task.slots
+        reply = yield self._msg("Sure. Which date would you like to fly?")
+        date = re.search(r"\d{4}-\d{2}-\d{2}", reply).group(0)
+        args = {"origin": s["origin"], "destination": s["destination"], "date": date}
+        r = yield from self.call("search_flights", args)
+        if "error" in r:
+            if fatal:  # fatal: gives up on a transient failure instead of retrying
+                self.fatal = "gave up"
+                yield self._msg("Sorry, the flight service is unavailable right now. Please try again later.")
+                return
+            r = yield from self.call("search_flights", args)
+        flights = sorted(r["result"], key=lambda f: f["price"])
+        pick = flights[-1] if fatal else flights[0]  # fatal: books the most expensive one
+        self.fatal = "wrong choice" if fatal else None
+        b = yield from self.call("book_flight", {"flight_id": pick["id"], "passenger": s["passenger"]})
+        yield self._msg(f"Booked {pick['id']} ({pick['depart']}, {pick['price']} coins) for {s['passenger']}; "
+                        f"booking {b['result']['booking_id']}.")
+
+    def _shop(self, task, fatal):
+        reply = yield self._msg(f"Happy to help. How many {task.slots['item']}s would you like?")
+        qty = int(re.search(r"\d+", reply).group(0))
+        r = yield from self.call("search_products", {"query": task.slots["item"]})
+        best = min(r["result"], key=lambda p: p["price"])
+        a = yield from self.call("add_to_cart", {"product_id": best["id"], "quantity": qty})
+        if "error" in a:
+            if fatal:
+                self.fatal = "gave up"
+                yield self._msg("The cart service failed, so I could not place the order.")
+                return
+            yield from self.call("add_to_cart", {"product_id": best["id"], "quantity": qty})
+        o = yield from self.call("checkout", {})
+        yield self._msg(f"Ordered {qty} x {best['name']} at {best['price']} each; order {o['result']['order_id']}.")
+
+    def _code(self, task, fatal):
+        _, good, bad, tests = CODE_PROBLEMS[task.slots["problem"]]
+        code = bad if (fatal or self.rng.random() < 0.3) else good  # first drafts are sometimes wrong
+        self.fatal = "buggy code" if fatal else None
+        r = yield from self.call("run_python", {"code": code + "\n" + tests + "print('all tests passed')\n"})
+        if r["result"]["exit_code"] != 0 and not fatal:
+            code = good
+            yield from self.call("run_python", {"code": code + "\n" + tests + "print('all tests passed')\n"})
+        yield self._msg(f"Here is the function:\n```python\n{code}```")
+
+
+def system_message(agent: str) -> dict:
+    prompt, tools = AGENTS[agent]
+    specs = [{k: TOOLS[t][k] for k in ("name", "description", "parameters")} for t in tools]
+    return {"role": "system", "content": prompt + "\nTools:\n" + json.dumps(specs)}
+
+
+def simulate(task: Task, policy: ScriptedExpert) -> tuple[list[dict], ToolRuntime]:
+    """Run one multi-turn episode: user simulator <-> agent policy <-> tool runtime."""
+    runtime = ToolRuntime(AGENTS[task.agent][1], task.world, task.failures)
+    user = UserSimulator(task)
+    messages = [system_message(task.agent), {"role": "user", "content": user.opening()}]
+    agent = policy.run(task)
+    feedback = None
+    for _ in range(task.rubric.max_turns):
+        try:
+            msg = agent.send(feedback)
+        except StopIteration:
+            break
+        messages.append(msg)
+        if msg.get("tool_calls"):
+            for call in msg["tool_calls"]:
+                content = runtime.execute(call)
+                messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                                 "content": content})
+            feedback = json.loads(content)
+        else:
+            feedback = user.reply(msg["content"])
+            if feedback is None:
+                break
+            messages.append({"role": "user", "content": feedback})
+    return messages, runtime
+
+
+def _mentions(text: str, expected: str) -> bool:
+    """Numbers match within rounding (0.01); anything else must appear verbatim."""
+    try:
+        x = float(expected)
+    except ValueError:
+        return expected in text
+    return any(abs(float(n) - x) <= 0.011 for n in re.findall(r"-?\d+(?:\.\d+)?", text))
+
+
+def judge(task: Task, messages: list[dict], runtime: ToolRuntime) -> list[str]:
+    """Check a trajectory against its rubric. Returns rejection reasons (empty = keep)."""
+    r, reasons = task.rubric, []
+    final = messages[-1]
+    if final["role"] != "assistant" or final.get("tool_calls"):
+        reasons.append("did not finish")
+    ok_calls = {c["name"] for c in runtime.log if c["ok"]}
+    reasons += [f"missing call: {t}" for t in r.required_calls if t not in ok_calls]
+    text = final.get("content") or ""
+    if r.expected_answer is not None and not _mentions(text, r.expected_answer):
+        reasons.append("wrong answer")
+    if r.expected_state is not None and any(runtime.state.get(k) != v for k, v in r.expected_state.items()):
+        reasons.append("wrong final state")
+    if r.tests is not None:
+        m = re.search(r"```python\n(.*?)```", text, flags=re.S)
+        res = run_sandboxed((m.group(1) if m else "") + "\n" + r.tests, timeout_s=5.0)
+        if not res.ok:
+            reasons.append("tests failed in sandbox")
+    return reasons
+
+
+def synthesize(n_tasks: int = 70, seed: int = 0, p_slip: float = 0.15, p_fatal: float = 0.25):
+    """The whole pipeline: tasks -> trajectories -> judge. Returns (kept records, stage counts)."""
+    tasks = make_tasks(n_tasks, seed)
+    policy = ScriptedExpert(seed, p_slip, p_fatal)
+    kept, counts = [], {"tasks": len(tasks), "trajectories": 0, "tool calls": 0, "tool errors": {},
+                        "rejected": {}, "kept": 0}
+    for task in tasks:
+        messages, runtime = simulate(task, policy)
+        counts["trajectories"] += 1
+        counts["tool calls"] += len(runtime.log)
+        for c in runtime.log:
+            if not c["ok"]:
+                counts["tool errors"][c["kind"]] = counts["tool errors"].get(c["kind"], 0) + 1
+        reasons = judge(task, messages, runtime)
+        for why in reasons:
+            key = why.split(":")[0]
+            counts["rejected"][key] = counts["rejected"].get(key, 0) + 1
+        if not reasons:
+            counts["kept"] += 1
+            tools = [{"type": "function", "function": {k: TOOLS[t][k] for k in ("name", "description",
+                                                                              "parameters")}}
+                     for t in AGENTS[task.agent][1]]
+            kept.append({"messages": messages, "tools": tools,
+                         "meta": {"task": task.id, "kind": task.kind, "agent": task.agent}})
+    return kept, counts
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Atomic write: temp file + rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- the rephrasing experiment (K2 Table 1 in miniature) ----
+
+REPORT_TABLE1 = {"raw": 23.76, "one_rephrasing": 27.39, "n_rephrasings": 28.94}  # SimpleQA, K2 §2.2 Table 1
+
+
+def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats: dict,
+                      error_rate: float = 0.1, chunk_chars: int = 120) -> str:
+    """One accepted rephrasing of `doc` in a random style (retrying with fresh draws when rejected)."""
+    while True:
+        rw = TemplateParaphraser(world, seed=rng.randrange(2**31), error_rate=error_rate)
+        res = rephrase_chunkwise(doc, rw, style=rng.choice(sorted(STYLES)), chunk_chars=chunk_chars,
+                                 check=world.fidelity)
+        stats["chunks"] = stats.get("chunks", 0) + len(res.rewrites)
+        stats["attempts"] = stats.get("attempts", 0) + res.attempts
+        for k, v in res.rejected.items():
+            stats[k] = stats.get(k, 0) + v
+        if res.text is not None:
+            return res.text
+        stats["documents dropped"] = stats.get("documents dropped", 0) + 1
+
+
+def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0):
+    """Three training curricula over the same world. Each is a list of epochs, each epoch a list of documents.
+
+    QA lines are taught on half the entities ("format" entities) in every arm; the other half is held out:
+    their knowledge is only in the biographies, so answering needs extraction, not QA recall.
+    """
+    rng = random.Random(seed)
+    ents = list(world.entities)
+    rng.shuffle(ents)
+    fmt, held_out = ents[: len(ents) // 2], ents[len(ents) // 2:]
+    qa_docs = ["".join(world.qa(e, a)) for e in fmt for a in ATTRIBUTES]
+    stats: dict = {}
+    raw = [world.raw_document(e) for e in world.entities]
+    rephrasings = [[rephrase_document(world, d, rng, stats) for d in raw] for _ in range(n)]
+    arms = {"raw": [raw] * n, "one_rephrasing": [rephrasings[0]] * n, "n_rephrasings": rephrasings}
+    arms = {k: [bios + qa_docs for bios in epochs] for k, epochs in arms.items()}
+    return arms, fmt, held_out, stats
+
+
+def token_stream(epochs: list[list[str]], tok: Tokenizer, seed: int) -> list[int]:
+    """Shuffle documents within each epoch (an unshuffled stream is a known way to get ~0 QA accuracy)."""
+    rng, ids = random.Random(seed), []
+    for docs in epochs:
+        docs = docs[:]
+        rng.shuffle(docs)
+        for d in docs:
+            ids += [tok.bos_id] + tok.encode(d) + [tok.eos_id]
+    return ids
+
+
+@torch.no_grad()
+def qa_accuracy(model, world: KnowledgeWorld, entities, tok: Tokenizer) -> float:
+    """Closed-book multiple choice: the answer is the attribute value with the highest log-likelihood."""
+    model.eval()
+    correct = total = 0
+    for e in entities:
+        for attr, values in ATTRIBUTES.items():
+            q, _ = world.qa(e, attr)
+            prompt = [tok.bos_id] + tok.encode(q)
+            seqs = [prompt + tok.encode(" " + v) + [tok.eos_id] for v in values]
+            L = max(map(len, seqs))
+            idx = torch.tensor([s + [tok.pad_id] * (L - len(s)) for s in seqs])  # (V, L)
+            logp = torch.log_softmax(model(idx).logits.float(), -1)  # (V, L, vocab)
+            scores = []
+            for i, s in enumerate(seqs):
+                pos = torch.arange(len(prompt) - 1, len(s) - 1)
+                scores.append(logp[i, pos, torch.tensor(s[len(prompt):])].sum().item())
+            correct += int(values[max(range(len(values)), key=scores.__getitem__)] == e.facts[attr])
+            total += 1
+    model.train()
+    return correct / total
+
+
+def train_arm(stream: list[int], steps: int, cfg, seq_len: int, batch_size: int, lr: float, seed: int,
+              progress=None, task=None):
+    """Train a fresh tiny K2 (chapter 2) on the first steps*batch_size*seq_len tokens of `stream`."""
+    mla = importlib.import_module("02_mla")
+    torch.manual_seed(seed)
+    model = mla.Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    data = torch.tensor(stream[: steps * batch_size * seq_len + 1])
+    warmup = max(1, steps // 20)
+    losses = []
+    for step in range(steps):
+        frac = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup)
+                                                                                  / max(1, steps - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, frac)
+        start = step * batch_size * seq_len
+        chunk = data[start: start + batch_size * seq_len + 1]
+        x, y = chunk[:-1].view(batch_size, seq_len), chunk[1:].view(batch_size, seq_len)  # (B, S) each
+        out = model(x, targets=y)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if getattr(out, "expert_load", None) is not None and hasattr(mla, "update_router_biases_"):
+            mla.update_router_biases_(model, out.expert_load, cfg.bias_update_speed)
+        losses.append(out.loss.item())
+        if progress is not None:
+            progress.advance(task)
+    return model, sum(losses[-10:]) / len(losses[-10:])
+
+
+def rephrase_experiment(n_entities: int = 48, n: int = 10, seq_len: int = 128, batch_size: int = 8,
+                        lr: float = 3e-3, seeds=(0,), console=None) -> list[dict]:
+    """K2 Table 1 in miniature: equal training tokens; raw x N epochs vs one rephrasing x N vs N rephrasings x 1."""
+    from rich.progress import Progress
+    mla = importlib.import_module("02_mla")  # lazily: chapter 5 stays standalone otherwise
+    tok = Tokenizer()
+    cfg = dataclasses.replace(mla.ModelConfig.tiny(), vocab_size=tok.vocab_size)
+    rows = []
+    for seed in seeds:
+        world = KnowledgeWorld(n_entities, seed=seed)
+        arms, fmt, held_out, stats = build_experiment_arms(world, n, seed=seed)
+        streams = {k: token_stream(v, tok, seed) for k, v in arms.items()}
+        steps = (min(map(len, streams.values())) - 1) // (batch_size * seq_len)  # equal tokens for every arm
+        with Progress(console=console, transient=True) as progress:
+            for k, stream in streams.items():
+                task = progress.add_task(f"seed {seed}: {k}", total=steps)
+                model, loss = train_arm(stream, steps, cfg, seq_len, batch_size, lr, seed, progress, task)
+                rows.append({"seed": seed, "arm": k, "tokens": steps * batch_size * seq_len,
+                             "stream_tokens": len(stream), "final_loss": loss,
+                             "acc_held_out": qa_accuracy(model, world, held_out, tok),
+                             "acc_format": qa_accuracy(model, world, fmt, tok), "rephrase_stats": stats})
+    return rows
