@@ -50,6 +50,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -486,7 +487,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head else None
         inv_freq, self.rope_attention_factor = rope_frequencies(cfg)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # (dr/2,), never trained
-        for name, p in self.named_parameters():  # DeepSeek-V3 init: N(0, 0.02) for every matrix, norms at 1
+        for p in self.parameters():  # DeepSeek-V3 init: N(0, 0.02) for every matrix, norms at 1
             if p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
         if cfg.tie_word_embeddings and embed and head:
@@ -906,11 +907,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="interleaved repeats per timing in --bench (median taken)")
     p.add_argument("--context", type=int, default=2048, help="context length for the demo's decode-speed row")
     p.add_argument("--decode-steps", type=int, default=16, help="tokens decoded per path for the demo's speed row")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (tiny models run best on 1; 0 = torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=max(shutil.get_terminal_size().columns, 130))
     if args.bench:
         bench(console, args.repeats)
         return
