@@ -33,7 +33,7 @@ Design choices
 Simplified vs K2
 - Rewriter: K2 uses a large LM with tuned prompts; ours is a template paraphraser (or a tiny LM via the
   adapter). Fidelity: K2 checks semantic alignment with a model; ours parses facts exactly.
-- Scale: K2 synthesised 3000+ real MCP tools and 20,000+ synthetic tools; here 16 tools in 6 domains.
+- Scale: K2 synthesised 3000+ real MCP tools and 20,000+ synthetic tools; here 15 tools in 8 domains.
 - Judge: K2 uses an LLM judge against rubrics; ours checks rubrics programmatically.
 - Sandbox: K2 runs Kubernetes-scale containers; ours is one process tree on one machine.
 
@@ -177,9 +177,10 @@ def parse_tool_calls(text: str) -> list[dict]:
     calls = []
     for n, body in enumerate(re.findall(r"<\|tool_call\|>(.*?)<\|/tool_call\|>", text, flags=re.S)):
         name, args = "?", body
-        m = re.match(r'\s*\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s*(.*)\}\s*$', body, flags=re.S)
+        m = re.match(r'\s*\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s*(.*)$', body, flags=re.S)
         if m:
-            name, args = m.group(1), m.group(2).strip()
+            name, args = m.group(1), m.group(2).rstrip()
+            args = args[:-1].rstrip() if args.endswith("}") else args  # the wrapper's closing brace
         calls.append({"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": args}})
     return calls
 
@@ -627,13 +628,13 @@ def _kill_tree(pid: int) -> None:
 
 def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, files: dict | None = None,
                   max_output: int = 65536, max_procs: int = 32, max_files: int = 64, file_mb: int = 16,
-                  uid: int = SANDBOX_UID, namespaces: bool = True) -> SandboxResult:
+                  env: dict | None = None, uid: int = SANDBOX_UID, namespaces: bool = True) -> SandboxResult:
     """Run untrusted Python `code` as main.py in a fresh directory, isolated as far as this machine allows.
 
     Guarantees (as root with util-linux `unshare`; `isolation` lists what was applied):
     - a separate `python -I -S -B` process (no site-packages, no user site, no PYTHON* env vars honoured);
     - a fresh temporary working directory, deleted afterwards; `files` are written into it first;
-    - an empty environment apart from PATH/LANG/HOME/TMPDIR (the parent's secrets are not inherited);
+    - an empty environment apart from PATH/LANG/HOME/TMPDIR and `env` (the parent's secrets are not inherited);
     - network namespace: only a loopback that is down, so no connection to anything, localhost included;
     - PID namespace: when main.py (its PID 1) exits or is killed, the kernel kills every descendant,
       including daemons that double-forked or called setsid;
@@ -667,7 +668,7 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
     if root and not use_ns and not _others_can_run(python):
         root, why = False, why + f"; {python} is not reachable by uid {uid}, so no uid switch (runs as root!)"
     workdir = tempfile.mkdtemp(prefix="sandbox-")
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {}), "HOME": workdir, "TMPDIR": workdir}
     rlimits = {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": file_mb << 20,
                "RLIMIT_NOFILE": max_files, "RLIMIT_CORE": 0}
     hide = [d for d in dict.fromkeys(["/tmp", "/var/tmp", "/dev/shm", "/root", "/home", os.path.expanduser("~")])
@@ -1373,26 +1374,29 @@ def token_stream(epochs: list[list[str]], tok: Tokenizer, seed: int) -> list[int
 
 
 @torch.no_grad()
-def qa_accuracy(model, world: KnowledgeWorld, entities, tok: Tokenizer) -> float:
+def qa_accuracy(model, world: KnowledgeWorld, entities, tok: Tokenizer, batch_size: int = 128) -> float:
     """Closed-book multiple choice: the answer is the attribute value with the highest log-likelihood."""
     model.eval()
-    correct = total = 0
+    items = []  # (prompt length, sequence, is this candidate the true value)
     for e in entities:
         for attr, values in ATTRIBUTES.items():
-            q, _ = world.qa(e, attr)
-            prompt = [tok.bos_id] + tok.encode(q)
-            seqs = [prompt + tok.encode(" " + v) + [tok.eos_id] for v in values]
-            L = max(map(len, seqs))
-            idx = torch.tensor([s + [tok.pad_id] * (L - len(s)) for s in seqs])  # (V, L)
-            logp = torch.log_softmax(model(idx).logits.float(), -1)  # (V, L, vocab)
-            scores = []
-            for i, s in enumerate(seqs):
-                pos = torch.arange(len(prompt) - 1, len(s) - 1)
-                scores.append(logp[i, pos, torch.tensor(s[len(prompt):])].sum().item())
-            correct += int(values[max(range(len(values)), key=scores.__getitem__)] == e.facts[attr])
-            total += 1
+            prompt = [tok.bos_id] + tok.encode(world.qa(e, attr)[0])
+            items += [(len(prompt), prompt + tok.encode(" " + v) + [tok.eos_id], v == e.facts[attr]) for v in values]
+    scores = []
+    for i in range(0, len(items), batch_size):
+        batch = items[i: i + batch_size]
+        L = max(len(s) for _, s, _ in batch)
+        idx = torch.tensor([s + [tok.pad_id] * (L - len(s)) for _, s, _ in batch])  # (N, L)
+        logp = torch.log_softmax(model(idx).logits.float(), -1)  # (N, L, vocab)
+        for j, (p, s, _) in enumerate(batch):  # sum of log p(answer tokens | prompt)
+            scores.append(logp[j, torch.arange(p - 1, len(s) - 1), torch.tensor(s[p:])].sum().item())
     model.train()
-    return correct / total
+    n_vals = len(next(iter(ATTRIBUTES.values())))
+    correct = 0
+    for q in range(0, len(items), n_vals):
+        best = max(range(q, q + n_vals), key=scores.__getitem__)
+        correct += items[best][2]
+    return correct / (len(items) // n_vals)
 
 
 def train_arm(stream: list[int], steps: int, cfg, seq_len: int, batch_size: int, lr: float, seed: int,
@@ -1448,3 +1452,155 @@ def rephrase_experiment(n_entities: int = 48, n: int = 10, seq_len: int = 128, b
                              "acc_held_out": qa_accuracy(model, world, held_out, tok),
                              "acc_format": qa_accuracy(model, world, fmt, tok), "rephrase_stats": stats})
     return rows
+
+
+# ---- demo ----
+
+SANDBOX_DEMO = {
+    "prints hello": "print('hello from the sandbox')",
+    "infinite loop": "while True:\n    pass",
+    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    "memory bomb": "x = []\nwhile True:\n    x.append(bytearray(10**7))",
+    "output flood": "while True:\n    print('x' * 1000)",
+    "write /etc/passwd_copy": "open('/etc/passwd_copy', 'w').write('pwned')",
+    "connect to localhost:22": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+}
+
+
+def pretraining_data_counts(seed: int = 0, n_entities: int = 32, n_math: int = 40) -> list[tuple]:
+    """Stage counts for the pretraining side: world -> documents -> chunk-wise rephrasing -> fidelity."""
+    tok, world, rng = Tokenizer(), KnowledgeWorld(n_entities, seed=seed), random.Random(seed)
+    raw = world.almanac()
+    rows = [("knowledge world", "entities / facts", f"{n_entities} / {n_entities * len(ATTRIBUTES)}"),
+            ("raw almanac", "characters / tokens", f"{len(raw)} / {len(tok.encode(raw))}")]
+    rejected: dict = {}
+    attempts = chunks = accepted = 0
+    for style in sorted(STYLES):
+        res = rephrase_chunkwise(raw, TemplateParaphraser(world, seed=rng.randrange(2**31), error_rate=0.1),
+                                 style=style, check=world.fidelity)
+        attempts, chunks = attempts + res.attempts, chunks + len(res.chunks)
+        for k, v in res.rejected.items():
+            rejected[k] = rejected.get(k, 0) + v
+        accepted += res.text is not None and world.fidelity(raw, res.text) is None
+    rows += [("chunk-wise rephrasing", "styles x chunks / rewrite attempts", f"{chunks} / {attempts}"),
+             ("fidelity check", "rewrites rejected", ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items()))
+              or "0"),
+             ("", "whole almanac rephrasings accepted (re-checked)", f"{accepted} / {len(STYLES)}")]
+    probs = make_math_problems(n_math, seed)
+    notes = [math_learning_note(p, rng) for p in probs]
+    ok = sum(check_math_note(p, n) is None for p, n in zip(probs, notes))
+    rows.append(("math -> learning notes", "problems / notes passing fidelity", f"{len(probs)} / {ok}"))
+    return rows
+
+
+def show_trajectory(console, rec: dict, tok: Tokenizer) -> None:
+    from rich.panel import Panel
+    from rich.text import Text
+    sys_msg = rec["messages"][0]  # the tool schemas are long: show their names only
+    short = {**sys_msg, "content": sys_msg["content"].split("\nTools:")[0] + "\nTools: [JSON schemas of "
+             + ", ".join(t["function"]["name"] for t in rec["tools"]) + "]"}
+    ids, mask = render_chat([short] + rec["messages"][1:], tok)
+    text = Text()
+    for i, m in zip(ids, mask):  # bold green: tokens the SFT loss trains on (assistant only)
+        text.append(tok.decode([i]) if i >= 256 else bytes([i]).decode("latin-1"), style="bold green" if m else "dim")
+    console.print(Panel(Text(tok.decode(ids)) if console.no_color else text, title=f"{rec['meta']['task']} "
+                        f"(rendered by the chat template; green = loss mask)"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="seed for every generator")
+    p.add_argument("--n-tasks", type=int, default=70, help="agentic tasks to synthesise")
+    p.add_argument("--out", default=None, help="write the kept trajectories to this JSONL file")
+    p.add_argument("--sandbox-demo", action="store_true", help="also run hostile programs through the sandbox")
+    p.add_argument("--rephrase-experiment", action="store_true", help="run K2 Table 1 in miniature (minutes)")
+    p.add_argument("--entities", type=int, default=48, help="experiment: entities in the knowledge world")
+    p.add_argument("--n", type=int, default=10, help="experiment: N (epochs of raw / rephrasings)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="experiment: seeds (one run per seed)")
+    p.add_argument("--batch-size", type=int, default=8, help="experiment: sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="experiment: tokens per sequence")
+    p.add_argument("--lr", type=float, default=3e-3, help="experiment: peak AdamW learning rate")
+    args = p.parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+    console, tok = Console(width=None if sys.stdout.isatty() else 120), Tokenizer()
+    if args.rephrase_experiment:
+        return _print_experiment(console, rephrase_experiment(args.entities, args.n, args.seq_len, args.batch_size,
+                                                              args.lr, tuple(args.seeds), console), args)
+    t0 = time.time()
+    table = Table(title=f"Chapter 5 data pipeline (seed {args.seed})")
+    for col in ("stage", "what", "count"):
+        table.add_column(col)
+    for row in pretraining_data_counts(args.seed):
+        table.add_row(*row)
+    kept, c = synthesize(args.n_tasks, args.seed)
+    domains = sorted({t["domain"] for t in TOOL_SPECS})
+    n_sim = sum(t["simulated"] for t in TOOL_SPECS)
+    kinds: dict = {}
+    for t in make_tasks(args.n_tasks, args.seed):
+        kinds[t.kind] = kinds.get(t.kind, 0) + 1
+    rendered = [render_chat(r["messages"], tok) for r in kept]
+    n_tok, n_loss = sum(len(i) for i, _ in rendered), sum(sum(m) for _, m in rendered)
+    lines = [json.dumps(r, ensure_ascii=False) for r in kept]
+    rows = [("tool specs", f"{len(domains)} domains, {n_sim} simulated", str(len(TOOL_SPECS))),
+            ("agents", "system prompt + tool subset", str(len(AGENTS))),
+            ("tasks with rubrics", ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), str(c["tasks"])),
+            ("simulated trajectories", "user simulator x scripted expert x tool runtime", str(c["trajectories"])),
+            ("tool calls", "errors: " + ", ".join(f"{k} {v}" for k, v in sorted(c["tool errors"].items())),
+             str(c["tool calls"])),
+            ("judge", "rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(c["rejected"].items())),
+             f"kept {c['kept']}"),
+            ("SFT JSONL", f"records / bytes{' -> ' + args.out if args.out else ''}",
+             f"{len(lines)} / {sum(len(x) + 1 for x in lines)}"),
+            ("chat template", "tokens / assistant (loss) tokens", f"{n_tok} / {n_loss}")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if args.out:
+        write_jsonl(args.out, kept)
+    pick = next((r for r in kept if r["meta"]["kind"] == "flight" and any(
+        m["role"] == "tool" and "error" in m["content"] for m in r["messages"])), kept[0])
+    show_trajectory(console, pick, tok)
+    if args.sandbox_demo:
+        st = Table(title="run_sandboxed on hostile programs (timeout 2 s, 128 MiB, 32 processes)")
+        for col in ("program", "ok", "exit", "timed out", "memory", "truncated", "wall s", "last output line"):
+            st.add_column(col)
+        for name, code in SANDBOX_DEMO.items():
+            r = run_sandboxed(code, timeout_s=2.0, memory_mb=128, max_procs=32)
+            last = (r.stderr.strip().splitlines() or [r.stdout.strip()[:40]])[-1][:60]
+            st.add_row(name, str(r.ok), str(r.exit_code), str(r.timed_out), str(r.killed_for_memory),
+                       str(r.output_truncated), f"{r.wall_s:.2f}", last)
+        console.print(st)
+        console.print(f"isolation: {', '.join(r.isolation)}" + (f"; degraded: {r.degraded}" if r.degraded else ""))
+    console.print(f"done in {time.time() - t0:.1f} s")
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def _print_experiment(console, rows: list[dict], args) -> None:
+    from rich.table import Table
+    names = {"raw": "raw text x N epochs", "one_rephrasing": "1 rephrasing x N epochs",
+             "n_rephrasings": "N rephrasings x 1 epoch"}
+    t = Table(title=f"Rephrasing experiment: {args.entities} entities, N={args.n}, seeds {args.seeds} "
+                    f"(chance = {100 / 8:.1f}%)")
+    for col in ("curriculum", "train tokens", "final loss", "QA acc, held-out entities %",
+                "QA acc, format entities %", "K2 Table 1 (SimpleQA)"):
+        t.add_column(col)
+    for arm, label in names.items():
+        rs = [r for r in rows if r["arm"] == arm]
+        accs = " / ".join(f"{100 * r['acc_held_out']:.1f}" for r in rs)
+        t.add_row(label, str(rs[0]["tokens"]), f"{_mean(rs, 'final_loss'):.3f}",
+                  f"{100 * _mean(rs, 'acc_held_out'):.1f}" + (f" ({accs})" if len(rs) > 1 else ""),
+                  f"{100 * _mean(rs, 'acc_format'):.1f}", f"{REPORT_TABLE1[arm]:.2f}")
+    console.print(t)
+    st = rows[0]["rephrase_stats"]
+    console.print(f"rephrasing (seed {rows[0]['seed']}): {st.get('attempts', 0)} chunk rewrites attempted, "
+                  f"{st.get('chunks', 0)} accepted; rejected: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(st.items()) if k not in ("attempts", "chunks")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Chapter 5: tokenizer, chat template, corpora, chunk-wise rephrasing, agentic synthesis, and the sandbox."""
+
+import json
+import os
+import random
+import socket
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+from conftest import load
+
+d = load("05_data")
+
+
+# ---- tokenizer and chat template ----
+
+def _random_text(rng: random.Random, n: int) -> str:
+    pools = [(0x20, 0x7E), (0x00, 0x1F), (0x80, 0x7FF), (0x4E00, 0x9FFF), (0x1F300, 0x1FAFF), (0xD800, 0xDFFF),
+             (0x10000, 0x10FFFF), (0x0300, 0x036F)]
+    return "".join(chr(rng.randint(*rng.choice(pools))) for _ in range(n))
+
+
+def test_tokenizer_round_trip_arbitrary_unicode():
+    tok, rng = d.Tokenizer(), random.Random(0)
+    fixed = ["", "héllo wörld", "日本語のテキスト", "🧑‍🚀🚀👍🏽", "\x00\x01\x7f\t\r\n", "e\u0301", "<|user|> <|eos|>",
+             "\ufeff\u200b\U0010ffff"]
+    for s in fixed + [_random_text(rng, rng.randint(1, 64)) for _ in range(300)]:
+        ids = tok.encode(s)
+        assert all(0 <= i < 256 for i in ids), "plain text must never produce special ids"
+        assert tok.decode(ids) == s
+        assert tok.decode(tok.encode(s, allow_special=True)) == s
+    assert tok.encode("<|user|>hi", allow_special=True)[0] == tok.special_to_id["<|user|>"]
+    assert tok.vocab_size == 256 + len(d.SPECIAL_TOKENS)
+    tok.decode([0xC3, 0x28, 0xFF])  # invalid UTF-8 from a model never raises
+    with pytest.raises(ValueError, match="ids"):
+        tok.decode([tok.vocab_size])
+
+
+def _conversation():
+    return [
+        {"role": "system", "content": "Be helpful."},
+        {"role": "user", "content": "Add 2 and 3 <|assistant|> please"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "calculator", "content": '{"result": 5}'},
+        {"role": "assistant", "content": "It is 5."},
+    ]
+
+
+def test_chat_template_and_assistant_only_loss_mask():
+    tok = d.Tokenizer()
+    ids, mask = d.render_chat(_conversation(), tok)
+    assert len(ids) == len(mask)
+    text = tok.decode(ids)
+    assert text.startswith("<|bos|><|system|>Be helpful.<|end|><|user|>Add 2 and 3 <|assistant|> please<|end|>")
+    assert text.endswith("<|assistant|>It is 5.<|end|><|eos|>")
+    # the user's literal "<|assistant|>" stays bytes: exactly two assistant role ids, one per assistant message
+    assert ids.count(tok.special_to_id["<|assistant|>"]) == 2
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == ('<|tool_call|>{"name": "calculator", "arguments": {"expression": "2+3"}}<|/tool_call|><|end|>'
+                       "It is 5.<|end|>")
+    for role in ("<|system|>", "<|user|>", "<|tool|>", "<|assistant|>", "<|bos|>", "<|eos|>"):
+        assert all(m == 0 for i, m in zip(ids, mask) if i == tok.special_to_id[role])
+    ids2, mask2 = d.render_chat(_conversation()[:2], tok, add_generation_prompt=True)
+    assert ids2[-1] == tok.special_to_id["<|assistant|>"] and sum(mask2) == 0
+    calls = d.parse_tool_calls(text)
+    assert calls[0]["function"]["name"] == "calculator"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"expression": "2+3"}
+    with pytest.raises(ValueError, match="role"):
+        d.render_chat([{"role": "robot", "content": "x"}], tok)
+
+
+# ---- corpora ----
+
+def test_corpora_deterministic_per_seed():
+    a, b, c = d.KnowledgeWorld(20, seed=3), d.KnowledgeWorld(20, seed=3), d.KnowledgeWorld(20, seed=4)
+    assert a.almanac() == b.almanac() and a.almanac() != c.almanac()
+    assert d.make_math_problems(10, seed=1) == d.make_math_problems(10, seed=1) != d.make_math_problems(10, seed=2)
+    s1 = json.dumps(d.synthesize(14, seed=5)[0])
+    assert s1 == json.dumps(d.synthesize(14, seed=5)[0]) != json.dumps(d.synthesize(14, seed=6)[0])
+    with pytest.raises(ValueError, match="n_entities"):
+        d.KnowledgeWorld(0)
+
+
+def test_held_out_questions_never_in_training_and_qa_only_on_format_entities():
+    world = d.KnowledgeWorld(16, seed=0)
+    arms, fmt, held_out, _ = d.build_experiment_arms(world, n=3, seed=0)
+    assert not {e.name for e in fmt} & {e.name for e in held_out}
+    for epochs in arms.values():
+        assert len(epochs) == 3
+        corpus = "\n".join(doc for docs in epochs for doc in docs)
+        for e in held_out:
+            for attr in d.ATTRIBUTES:
+                assert world.qa(e, attr)[0] not in corpus
+            assert e.name in corpus  # ... but their biographies are there
+        for e in fmt:
+            assert "".join(world.qa(e, "pet")) in corpus
+    # one rephrasing x N repeats the same documents; N rephrasings are N different versions
+    assert arms["one_rephrasing"][0] == arms["one_rephrasing"][2]
+    assert arms["n_rephrasings"][0] != arms["n_rephrasings"][1]
+
+
+def test_math_learning_notes_keep_every_step():
+    rng = random.Random(0)
+    for p in d.make_math_problems(30, seed=0):
+        note = d.math_learning_note(p, rng)
+        assert d.check_math_note(p, note) is None
+        assert "Key idea" in note
+    p = d.make_math_problems(1, seed=0)[0]
+    bad = d.math_learning_note(p).replace(f"Answer: {p.answer}", f"Answer: {p.answer + 1}")
+    assert d.check_math_note(p, bad) is not None
+
+
+# ---- rephrasing ----
+
+def test_every_accepted_rephrasing_passes_fidelity_and_rejections_happen():
+    world = d.KnowledgeWorld(12, seed=1)
+    raw = world.almanac()
+    rejected = accepted = 0
+    for seed in range(12):
+        rw = d.TemplateParaphraser(world, seed=seed, error_rate=0.3)
+        res = d.rephrase_chunkwise(raw, rw, style=sorted(d.STYLES)[seed % len(d.STYLES)], check=world.fidelity)
+        rejected += sum(res.rejected.values())
+        if res.text is not None:
+            accepted += 1
+            assert world.fidelity(raw, res.text) is None
+            assert res.text != raw.replace("\n\n", " ")
+    assert rejected > 0 and accepted > 0
+
+
+def test_corrupted_rewrites_are_rejected():
+    world = d.KnowledgeWorld(4, seed=0)
+    e = world.entities[0]
+    src = world.raw_document(e)
+    other = {a: next(v for v in vs if v != e.facts[a]) for a, vs in d.ATTRIBUTES.items()}
+    assert world.fidelity(src, src) is None
+    assert world.fidelity(src, src.replace(e.facts["pet"], other["pet"])) == "contradicted fact"
+    assert world.fidelity(src, src.split(". ", 1)[1]) == "missing fact"
+    two = world.raw_document(world.entities[1])
+    assert world.fidelity(src, src + " " + two) == "unsupported fact"
+    # back-references resolve through context: "This person" is the entity named last
+    rewrite = f"This person was born in {e.facts['hometown']}."
+    assert world.extract_facts(rewrite, context=f"About {e.name}.") == [(e.name, "hometown", e.facts["hometown"])]
+
+
+def test_chunkwise_covers_every_chunk_in_order_with_rewritten_context():
+    world = d.KnowledgeWorld(10, seed=2)
+    text = world.almanac()
+    calls = []
+
+    def rewriter(chunk, *, context, style):
+        calls.append((chunk, context, style))
+        return f"<{len(calls)}>{chunk.upper()}"
+
+    res = d.rephrase_chunkwise(text, rewriter, style="notes", chunk_chars=150, context_chars=200)
+    chunks = d.split_chunks(text, 150)
+    assert len(chunks) > 5 and [c for c, _, _ in calls] == chunks
+    assert " ".join(chunks) == " ".join(text.split())  # chunks tile the text, in order, no sentence split
+    outputs = [f"<{i + 1}>{c.upper()}" for i, c in enumerate(chunks)]
+    for i, (_, context, style) in enumerate(calls):
+        assert context == " ".join(outputs[:i])[-200:] and style == "notes"
+    assert res.text == " ".join(outputs)
+    with pytest.raises(ValueError, match="style"):
+        d.rephrase_chunkwise(text, rewriter, style="limerick")
+
+
+def test_rejected_chunk_is_retried_then_document_dropped():
+    world = d.KnowledgeWorld(3, seed=0)
+    text = world.almanac()
+    res = d.rephrase_chunkwise(text, lambda c, **kw: "Nothing to see here.", check=world.fidelity, max_tries=2)
+    assert res.text is None and res.attempts == 2 and res.rejected == {"missing fact": 2}
+
+
+def test_lm_rewriter_adapter():
+    seen = []
+    rw = d.LMRewriter(lambda prompt: seen.append(prompt) or "rewritten")
+    assert rw("A chunk.", context="Earlier.", style="first_person") == "rewritten"
+    assert "first person" in seen[0] and "Earlier." in seen[0] and "A chunk." in seen[0]
+
+    class Bigram(torch.nn.Module):  # any module returning .logits works
+        def __init__(self, vocab):
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, vocab)
+
+        def forward(self, idx):
+            return type("Out", (), {"logits": self.emb(idx)})()
+
+    tok = d.Tokenizer()
+    out = d.LMRewriter.from_model(Bigram(tok.vocab_size), tok, max_new_tokens=8)("x", context="", style="notes")
+    assert isinstance(out, str)
+
+
+# ---- agentic synthesis ----
+
+def test_schema_validation():
+    spec = d.TOOLS["add_to_cart"]["parameters"]
+    assert d.validate_args(spec, {"product_id": "P1", "quantity": 2}) == []
+    errs = d.validate_args(spec, {"product_id": 7, "quantity": "2", "color": "red"})
+    assert any("product_id must be string" in e for e in errs)
+    assert any("quantity must be integer" in e for e in errs)
+    assert any("color is not a parameter" in e for e in errs)
+    assert d.validate_args(spec, {"product_id": "P1", "quantity": 0})[0].endswith("got 0")
+    assert d.validate_args(spec, {"product_id": "P1", "quantity": True})  # bool is not an integer
+    assert "required" in d.validate_args(spec, {"quantity": 1})[0]
+    assert d.validate_args(d.TOOLS["convert_units"]["parameters"], {"value": 1, "from_unit": "parsec",
+                                                                     "to_unit": "km"})
+
+
+def test_malformed_tool_calls_become_tool_errors():
+    rt = d.ToolRuntime(["calculator", "convert_units", "kv_get", "add_days"])
+
+    def call(name, raw):
+        out = json.loads(rt.execute({"id": "x", "type": "function", "function": {"name": name, "arguments": raw}}))
+        return out.get("error", "")
+
+    assert "not valid JSON" in call("calculator", '{"expression": "1+1"')
+    assert "must be a JSON object" in call("calculator", "[1, 2]")
+    assert "unknown tool 'calculater'" in call("calculater", '{"expression": "1"}')
+    assert "unknown tool" in call("run_python", '{"code": "1"}')  # exists, but not in this agent's subset
+    assert "expression must be string" in call("calculator", '{"expression": 12}')
+    assert "value must be number" in call("convert_units", '{"value": "3", "from_unit": "km", "to_unit": "mi"}')
+    assert "is required" in call("convert_units", '{"value": 3}')
+    assert "cannot convert" in call("convert_units", '{"value": 3, "from_unit": "km", "to_unit": "kg"}')
+    assert "KeyError" in call("kv_get", '{"key": "nope"}')
+    assert "ValueError" in call("add_days", '{"date": "2026-02-31", "days": 1}')
+    assert "unsupported" in call("calculator", '{"expression": "__import__(\'os\').system(\'id\')"}')
+    assert "too large" in call("calculator", '{"expression": "9 ** 9 ** 9"}')
+    assert call("calculator", '{"expression": "(2 + 3) * 4"}') == ""
+    assert [c["kind"] for c in rt.log][:5] == ["bad_json", "bad_json", "unknown_tool", "unknown_tool", "schema"]
+    tok = d.Tokenizer()
+    calls = d.parse_tool_calls('<|tool_call|>{"name": "calculator", "arguments": {"expression": "1+"<|/tool_call|>')
+    assert "not valid JSON" in json.loads(rt.execute(calls[0]))["error"]
+    assert tok.decode(tok.encode("ok")) == "ok"
+
+
+def test_synthesized_trajectories_validate_against_schemas_and_rubrics():
+    kept, counts = d.synthesize(28, seed=1)
+    assert counts["kept"] == len(kept) > 0 and counts["trajectories"] == 28
+    tok = d.Tokenizer()
+    for rec in kept:
+        msgs, specs = rec["messages"], {t["function"]["name"]: t["function"] for t in rec["tools"]}
+        calls = {}
+        for m in msgs:
+            for c in m.get("tool_calls") or []:
+                calls[c["id"]] = c
+            if m["role"] == "tool":
+                c = calls[m["tool_call_id"]]
+                if "result" in json.loads(m["content"]):  # every successful call is schema-valid
+                    args = json.loads(c["function"]["arguments"])
+                    assert d.validate_args(specs[c["function"]["name"]]["parameters"], args) == []
+        assert msgs[-1]["role"] == "assistant" and not msgs[-1].get("tool_calls")
+        ids, mask = d.render_chat(msgs, tok)
+        assert 0 < sum(mask) < len(ids)
+    # the judge keeps exactly the trajectories without a fatal mistake
+    policy = d.ScriptedExpert(seed=2, p_fatal=0.4)
+    verdicts = []
+    for task in d.make_tasks(42, seed=2):
+        messages, runtime = d.simulate(task, policy)
+        reasons = d.judge(task, messages, runtime)
+        verdicts.append(policy.fatal)
+        assert bool(reasons) == (policy.fatal is not None), (task.id, policy.fatal, reasons)
+    assert any(verdicts) and not all(verdicts)
+
+
+def test_write_jsonl_round_trip(tmp_path):
+    kept, _ = d.synthesize(7, seed=0)
+    path = str(tmp_path / "sft.jsonl")
+    d.write_jsonl(path, kept)
+    with open(path) as f:
+        assert [json.loads(line) for line in f] == kept
+
+
+# ---- the sandbox ----
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux /proc")
+
+
+def _procs_with(marker: str) -> list[int]:
+    """PIDs whose command line or environment contains `marker`."""
+    hits = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        for what in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{p}/{what}", "rb") as f:
+                    if marker.encode() in f.read():
+                        hits.append(int(p))
+            except OSError:
+                pass
+    return hits
+
+
+@pytest.fixture
+def marker():
+    m = f"k2sbx-{uuid.uuid4().hex}"
+    yield m
+    assert _procs_with(m) == [], "a sandboxed process survived"
+
+
+def _run(code, marker, **kw):
+    t0 = time.monotonic()
+    r = d.run_sandboxed(code, env={"MARKER": marker}, **kw)
+    return r, time.monotonic() - t0
+
+
+@linux_only
+def test_sandbox_runs_code_and_cleans_up(marker):
+    r, _ = _run("import os\nprint(os.getcwd())\nopen('out.txt', 'w').write('x')\n", marker, timeout_s=5)
+    assert r.ok and r.exit_code == 0 and not r.timed_out
+    workdir = r.stdout.strip()
+    assert os.path.basename(workdir).startswith("sandbox-") and not os.path.exists(workdir)
+    r, _ = _run("import sys\nsys.exit(3)", marker)
+    assert not r.ok and r.exit_code == 3
+    with pytest.raises(ValueError, match="timeout_s"):
+        d.run_sandboxed("pass", timeout_s=0)
+
+
+@linux_only
+def test_sandbox_infinite_loop_times_out(marker):
+    r, wall = _run("while True:\n    pass", marker, timeout_s=1.0)
+    assert r.timed_out and not r.ok and wall < 4
+
+
+@linux_only
+def test_sandbox_fork_bomb(marker):
+    ns_ok, _ = d._namespaces_available()
+    if os.geteuid() == 0 and not ns_ok:
+        pytest.skip("root without namespaces: RLIMIT_NPROC would not bind, never run a fork bomb like that")
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    r, wall = _run(code, marker, timeout_s=1.5, max_procs=16)
+    assert not r.ok and r.timed_out and wall < 5
+
+
+@linux_only
+def test_sandbox_memory_bomb(marker):
+    r, wall = _run("x = []\nwhile True:\n    x.append(bytearray(10**7))", marker, timeout_s=5, memory_mb=128)
+    assert r.killed_for_memory and not r.ok and wall < 6
+
+
+@linux_only
+def test_sandbox_output_flood_is_truncated(marker):
+    r, wall = _run("while True:\n    print('y' * 1000)", marker, timeout_s=5, max_output=10_000)
+    assert r.output_truncated and not r.ok and len(r.stdout) <= 10_000 and wall < 6
+
+
+@linux_only
+def test_sandbox_writes_outside_the_work_dir_leave_nothing(tmp_path, marker):
+    target = tmp_path / "escaped.txt"
+    paths = [str(target), "/tmp/k2sbx_escape.txt", "/var/tmp/k2sbx_escape.txt", "/dev/shm/k2sbx_escape.txt",
+             os.path.join(os.getcwd(), "k2sbx_escape.txt"), "../k2sbx_escape.txt", "/etc/k2sbx_escape.txt"]
+    code = ("import os\nfor p in %r:\n    try:\n        open(p, 'w').write('x')\n        print('wrote', p)\n"
+            "    except OSError as e:\n        print('blocked', p, e.errno)\n" % (paths,))
+    r, _ = _run(code, marker, timeout_s=5)
+    assert r.exit_code == 0
+    for p in paths[:-2] + ["/etc/k2sbx_escape.txt"]:
+        assert not os.path.exists(p), p
+    ns_ok, _ = d._namespaces_available()
+    if ns_ok:
+        assert "wrote" not in r.stdout, r.stdout
+    for p in ("/tmp/k2sbx_escape.txt", "/var/tmp/k2sbx_escape.txt", "/dev/shm/k2sbx_escape.txt"):
+        if os.path.exists(p):  # only possible in degraded mode; never leave litter behind
+            os.remove(p)
+
+
+@linux_only
+def test_sandbox_background_child_does_not_outlive_parent(marker):
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            "        time.sleep(60)\n    os._exit(0)\nprint('parent exits')\n")
+    ns_ok, _ = d._namespaces_available()
+    if not ns_ok:
+        pytest.skip("without a PID namespace a setsid daemon can escape the process group")
+    r, wall = _run(code, marker, timeout_s=5)
+    assert r.ok and "parent exits" in r.stdout and wall < 4
+    time.sleep(0.2)
+    assert _procs_with(marker) == []
+
+
+@linux_only
+def test_sandbox_cannot_read_the_parent_environment(monkeypatch, marker):
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("K2_TEST_SECRET", secret)
+    code = ("import os\nprint(dict(os.environ))\nfor p in os.listdir('/proc'):\n    try:\n"
+            "        print(open(f'/proc/{p}/environ', 'rb').read())\n    except OSError:\n        pass\n")
+    r, _ = _run(code, marker, timeout_s=5)
+    assert r.exit_code == 0 and "PATH" in r.stdout
+    ns_ok, _ = d._namespaces_available()
+    if ns_ok or os.geteuid() != 0:
+        assert secret not in r.stdout and secret not in r.stderr
+    else:
+        assert "K2_TEST_SECRET" not in r.stdout.split("\n")[0]
+
+
+@linux_only
+def test_sandbox_network_is_denied(marker):
+    ns_ok, _ = d._namespaces_available()
+    if not ns_ok:
+        pytest.skip("no network namespace available here")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+    r, _ = _run(code, marker, timeout_s=5)
+    assert not r.ok and "connected" not in r.stdout and "OSError" in r.stderr
+    with pytest.raises(BlockingIOError):
+        server.accept()
+    server.close()
+
+
+@linux_only
+def test_sandbox_degraded_mode_still_enforces_timeout(marker):
+    r, wall = _run("while True:\n    pass", marker, timeout_s=1.0, namespaces=False)
+    assert r.timed_out and "netns" not in r.isolation and r.degraded and wall < 4
+
+
+# ---- the experiment's training loop (smoke) ----
+
+def test_experiment_training_loop_smoke():
+    try:
+        mla = load("02_mla")
+    except Exception as e:  # chapter 2 is a separate chapter; its own tests cover it
+        pytest.skip(f"02_mla not importable: {e}")
+    import dataclasses
+    tok = d.Tokenizer()
+    world = d.KnowledgeWorld(4, seed=0)
+    arms, fmt, held_out, _ = d.build_experiment_arms(world, n=2, seed=0)
+    stream = d.token_stream(arms["n_rephrasings"], tok, seed=0)
+    assert stream.count(tok.bos_id) == sum(len(e) for e in arms["n_rephrasings"])
+    cfg = dataclasses.replace(mla.ModelConfig.tiny(), vocab_size=tok.vocab_size)
+    model, loss = d.train_arm(stream, steps=2, cfg=cfg, seq_len=32, batch_size=2, lr=1e-3, seed=0)
+    assert loss > 0 and 0.0 <= d.qa_accuracy(model, world, held_out[:1], tok) <= 1.0
