@@ -183,56 +183,15 @@ class ModelConfig:
                     bias_update_speed=0.01)
         return cls(**{**base, **overrides})
 
-    # -- config.json interop --
+    # -- config.json interop (bodies at the end of the file, with the state-dict renames) --
     @classmethod
     def from_hf(cls, config: dict | str | os.PathLike) -> ModelConfig:
         """Read a K2 / DeepSeek-V3 config.json (dict or path). Unsupported settings raise instead of being dropped."""
-        if not isinstance(config, dict):
-            with open(config) as f:
-                config = json.load(f)
-        d = dict(config)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: d.pop(k) for k in list(d) if k in fields}
-        if kwargs.get("q_lora_rank") is None:
-            kwargs["q_lora_rank"] = 0
-        if "num_mtp_layers" in d:  # transformers 5 spelling
-            kwargs["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
-        rope = d.pop("rope_parameters", None)  # transformers 5 folds rope_theta + scaling into one dict
-        if rope:
-            rope = dict(rope)
-            kwargs["rope_theta"] = rope.pop("rope_theta", kwargs.get("rope_theta", 10000.0))
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            rope.pop("rope_type", None)
-            kwargs["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
-        checks = {  # key: (value we implement, allowed values)
-            "hidden_act": ("silu", {"silu"}), "attention_bias": (False, {False}), "moe_layer_freq": (1, {1}),
-            "topk_method": ("noaux_tc", {"noaux_tc"}), "rope_interleave": (True, {True}),
-            "num_key_value_heads": (None, {None, kwargs.get("num_attention_heads", cls.num_attention_heads)}),
-        }
-        for key, (_, allowed) in checks.items():
-            if key in d and d.pop(key) not in allowed:
-                raise ValueError(f"from_hf: {key}={config[key]!r} is not supported (allowed: {sorted(map(str, allowed))})")
-        ignored = {"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
-                   "quantization_config", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
-                   "use_cache", "pretraining_tp", "attention_dropout", "ep_size", "seq_aux", "output_router_logits",
-                   "_name_or_path", "qk_head_dim", "head_dim", "tokenizer_class", "use_return_dict"}
-        unknown = set(d) - ignored
-        if unknown:
-            raise ValueError(f"from_hf: unknown config keys {sorted(unknown)}; refusing to guess their meaning")
-        if kwargs.get("rope_scaling") is not None:
-            kwargs["rope_scaling"] = {k: v for k, v in kwargs["rope_scaling"].items() if k != "rope_type"}
-            kwargs["rope_scaling"].setdefault("type", config.get("rope_scaling", {}).get("type", "yarn"))
-        return cls(**kwargs)
+        return config_from_hf(cls, config)
 
     def to_hf(self) -> dict:
         """A config.json dict in K2's format; `transformers.DeepseekV3Config(**cfg.to_hf())` accepts it."""
-        d = dataclasses.asdict(self)
-        d["q_lora_rank"] = self.q_lora_rank or None
-        d.pop("bias_update_speed")  # a training hyperparameter, not part of config.json
-        d.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
-                 num_key_value_heads=self.num_attention_heads, moe_layer_freq=1, topk_method="noaux_tc",
-                 attention_bias=False, rope_interleave=True, seq_aux=True)
-        return d
+        return config_to_hf(self)
 
 
 # ---- norms and rotary position embedding (RoPE + YaRN) ----
@@ -673,7 +632,58 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "chinchill
     return 2.0 * activated + cfg.num_hidden_layers * attn
 
 
-# ---- transformers interop (DeepseekV3ForCausalLM names) ----
+# ---- transformers interop (config.json and DeepseekV3ForCausalLM names) ----
+
+# config.json keys that do not change the architecture we build
+HF_IGNORED_KEYS = {"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+                   "quantization_config", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+                   "use_cache", "pretraining_tp", "attention_dropout", "ep_size", "seq_aux", "output_router_logits",
+                   "_name_or_path", "qk_head_dim", "head_dim", "tokenizer_class"}
+
+
+def config_from_hf(cls, config: dict | str | os.PathLike) -> ModelConfig:
+    if not isinstance(config, dict):
+        with open(config) as f:
+            config = json.load(f)
+    d = dict(config)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: d.pop(k) for k in list(d) if k in fields}
+    if kwargs.get("q_lora_rank") is None:
+        kwargs["q_lora_rank"] = 0  # HF writes null for "no query bottleneck"
+    if "num_mtp_layers" in d:  # transformers 5 spelling
+        kwargs["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
+    rope = d.pop("rope_parameters", None)  # transformers 5 folds rope_theta and the scaling into one dict
+    if rope:
+        rope = dict(rope)
+        kwargs["rope_theta"] = rope.pop("rope_theta", kwargs.get("rope_theta", 10000.0))
+        kind = rope.pop("rope_type", rope.get("type", "default"))
+        kwargs["rope_scaling"] = None if kind == "default" else {**rope, "type": kind}
+    if kwargs.get("rope_scaling") is not None:
+        rs = dict(kwargs["rope_scaling"])
+        kind = rs.pop("rope_type", None)
+        rs.setdefault("type", kind)
+        kwargs["rope_scaling"] = rs
+    supported = {"hidden_act": {"silu"}, "attention_bias": {False}, "moe_layer_freq": {1},
+                 "topk_method": {"noaux_tc"}, "rope_interleave": {True},
+                 "num_key_value_heads": {None, kwargs.get("num_attention_heads", cls.num_attention_heads)}}
+    for key, allowed in supported.items():
+        if key in d and d.pop(key) not in allowed:
+            raise ValueError(f"from_hf: {key}={config[key]!r} is not supported (allowed: {sorted(map(str, allowed))})")
+    unknown = set(d) - HF_IGNORED_KEYS
+    if unknown:
+        raise ValueError(f"from_hf: unknown config keys {sorted(unknown)}; refusing to guess their meaning")
+    return cls(**kwargs)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["q_lora_rank"] = cfg.q_lora_rank or None
+    d.pop("bias_update_speed")  # a training hyperparameter, not part of config.json
+    d.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
+             num_key_value_heads=cfg.num_attention_heads, moe_layer_freq=1, topk_method="noaux_tc",
+             attention_bias=False, rope_interleave=True, seq_aux=True)
+    return d
+
 
 def to_hf_state_dict(model: Transformer, expert_layout: str = "stacked") -> dict[str, torch.Tensor]:
     """Our weights under DeepseekV3ForCausalLM names. expert_layout "stacked" = transformers 5
