@@ -354,11 +354,16 @@ class MLA(nn.Module):
             v = F.pad(v, (0, dqk - dv))  # (B, S, H, dn+dr)
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
         o = o[..., :dv]  # (B, H, S, dv)
-        if self.record_s_max:
+        if self.record_s_max:  # SDPA hides its logits: recompute them, 256 queries at a time (bounded memory)
             with torch.no_grad():
-                logits = (q @ k.transpose(-2, -1)).float() * self.softmax_scale  # (B, H, S, S)
-                causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-                self._record(logits, causal)
+                s_max = torch.full((H,), float("-inf"), device=q.device)
+                for i in range(0, S, 256):
+                    n = min(256, S - i)
+                    logits = (q[:, :, i:i + n] @ k[:, :, :i + n].transpose(-2, -1)).float() * self.softmax_scale
+                    causal = torch.arange(i + n, device=q.device) <= torch.arange(i, i + n, device=q.device)[:, None]
+                    self._record(logits, causal)  # logits (B, H, n, i+n), causal (n, i+n)
+                    s_max = torch.maximum(s_max, self.last_s_max)
+                self.last_s_max = s_max  # (H,)
         return o.transpose(1, 2)  # (B, S, H, dv)
 
     def _attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask):

@@ -445,3 +445,17 @@ def test_hf_state_dict_round_trips_both_expert_layouts():
         other.load_state_dict(m.from_hf_state_dict(cfg, hf_sd), strict=True)
         for k, v in other.state_dict().items():
             assert torch.equal(v, ref[k]), k
+
+
+def test_s_max_long_sequence_training_path_matches_cached_path():
+    """Past 256 tokens the training path recomputes logits in query chunks; it must equal the one-shot logits."""
+    cfg = small_cfg(max_position_embeddings=512)
+    model = make(cfg)
+    x = torch.randint(0, cfg.vocab_size, (1, 300))
+    model.set_record_s_max(True)
+    with torch.no_grad():
+        model(x)
+        s_train = model.s_max()
+        run_cached(model, x, [300], absorbed=False)
+        s_cached = model.s_max()
+    torch.testing.assert_close(s_train, s_cached, rtol=1e-4, atol=1e-5)
