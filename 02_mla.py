@@ -38,7 +38,7 @@ References
 
 Run:
     python 02_mla.py --help
-    python 02_mla.py            # tables for the real configs + tiny-model checks on CPU (about a minute)
+    python 02_mla.py            # tables for the real configs + tiny-model checks on CPU (about 30 s)
     python 02_mla.py --bench    # our training step vs transformers' DeepseekV3; absorbed vs naive decode at 4k
 """
 
@@ -501,6 +501,13 @@ class Transformer(nn.Module):
                                        absorbed) for _ in self.layers])
 
     @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, cache: DecodeCache, chunk: int = 512) -> torch.Tensor:
+        """Fill the cache with a prompt, chunk by chunk (attention logits stay (B, H, chunk, T)); last logits (B, V)."""
+        for pos in range(0, idx.shape[1], chunk):
+            logits = self(idx[:, pos:pos + chunk], start_pos=pos, cache=cache).logits
+        return logits[:, -1]
+
+    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, stop_tokens=(), generator: torch.Generator | None = None,
                  use_cache: bool = True, absorbed: bool = True, pad_token_id: int = 0) -> torch.Tensor:
@@ -517,7 +524,7 @@ class Transformer(nn.Module):
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
         cache = self.new_cache(B, S0 + max_new_tokens, absorbed=absorbed) if use_cache else None
         out, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits = self(idx, cache=cache).logits[:, -1] if use_cache else None  # prefill: one causal chunk
+        logits = self.prefill(idx, cache) if use_cache else None
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = self(out).logits[:, -1]
@@ -779,14 +786,6 @@ def _timeit(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-@torch.no_grad()
-def prefill(model: Transformer, idx: torch.Tensor, cache: DecodeCache, chunk: int = 512) -> torch.Tensor:
-    """Fill the cache chunk by chunk (bounded memory: logits are (B, H, chunk, T)); returns the last logits."""
-    for pos in range(0, idx.shape[1], chunk):
-        logits = model(idx[:, pos:pos + chunk], start_pos=pos, cache=cache).logits
-    return logits[:, -1]
-
-
 def demo_tables(console) -> None:
     from rich.table import Table
 
@@ -852,7 +851,7 @@ def demo_tiny(console, context: int, steps: int) -> None:
         B = 4
         ctx = torch.randint(0, cfg.vocab_size, (B, context))
         cache = model.new_cache(B, context + steps, absorbed=True)
-        prefill(model, ctx, cache)  # both paths then read the same latent cache
+        model.prefill(ctx, cache)  # both paths then read the same latent cache
         tok = ctx[:, -1:]
         paths = {a: (lambda a=a: model(tok, start_pos=context, cache=cache.with_mode(a))) for a in (False, True)}
         med = _timeit(paths, steps)  # one decode step at position `context`, the two paths interleaved
@@ -906,7 +905,7 @@ def bench(console, repeats: int) -> None:
     context, B = 4096, 4
     with torch.no_grad():
         cache = ours.new_cache(B, context + 1)
-        prefill(ours, torch.randint(0, cfg.vocab_size, (B, context)), cache)
+        ours.prefill(torch.randint(0, cfg.vocab_size, (B, context)), cache)
         mla, layer0 = ours.layers[0].self_attn, cache.layers[0]
         h = torch.randn(B, 1, cfg.hidden_size)
         cos, sin = ours.rope(context, 1, h.dtype)
