@@ -262,7 +262,9 @@ class KnowledgeWorld:
         self._value_re = re.compile(r"\b(" + "|".join(map(re.escape, self.value_attr)) + r")\b")
 
     def raw_document(self, e: Entity) -> str:
-        return " ".join(_articles(RAW_TEMPLATES[a].format(S=e.name, v=v)) for a, v in e.facts.items())
+        """One fixed biography per entity: the name once, then back-references, like most real text."""
+        return " ".join(_articles(RAW_TEMPLATES[a].format(S=e.name if i == 0 else STYLES["encyclopedic"].ref, v=v))
+                        for i, (a, v) in enumerate(e.facts.items()))
 
     def almanac(self, entities=None) -> str:
         """A long text (many entities): the thing chunk-wise rephrasing is for."""
@@ -978,7 +980,7 @@ AGENTS = {
 }
 CITIES = ATTRIBUTES["hometown"]
 PERSONAS = [("terse", "{goal}"), ("polite", "Hello! Could you please help me? {goal} Thank you."),
-            ("chatty", "Hi there, hope your day is going well. So, {goal} That's all, I think!")]
+            ("chatty", "Hi there, hope your day is going well! {goal} That's all, I think.")]
 CODE_PROBLEMS = {  # name: (request, correct solution, buggy solution, tests)
     "is_palindrome": ("Write is_palindrome(s) that ignores case and non-letters.",
                       "def is_palindrome(s):\n    t = [c.lower() for c in s if c.isalpha()]\n    return t == t[::-1]\n",
@@ -1551,6 +1553,8 @@ def main(argv=None):
              str(c["tool calls"])),
             ("judge", "rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(c["rejected"].items())),
              f"kept {c['kept']}"),
+            ("", "kept trajectories that recover from a tool error", str(sum(
+                any(m["role"] == "tool" and '"error"' in m["content"] for m in r["messages"]) for r in kept))),
             ("SFT JSONL", f"records / bytes{' -> ' + args.out if args.out else ''}",
              f"{len(lines)} / {sum(len(x) + 1 for x in lines)}"),
             ("chat template", "tokens / assistant (loss) tokens", f"{n_tok} / {n_loss}")]
