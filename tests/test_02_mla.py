@@ -1,5 +1,6 @@
 """Chapter 2: MLA and the K2 decoder. Tiny configs, CPU fp32; transformers tests skip when it is absent."""
 
+import dataclasses
 import json
 import math
 
@@ -113,12 +114,7 @@ def test_from_hf_real_configs_give_presets(tmp_path):
     assert ModelConfig.from_hf(str(path)) == ModelConfig.deepseek_v3()
     for cfg in (ModelConfig.tiny(), ModelConfig.kimi_k2(), small_cfg(q_lora_rank=0, rope_scaling=yarn())):
         back = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
-        assert back == dataclass_replace(cfg, bias_update_speed=back.bias_update_speed)
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
+        assert back == dataclasses.replace(cfg, bias_update_speed=back.bias_update_speed)
 
 
 def test_from_hf_rejects_what_it_cannot_build():
