@@ -9,7 +9,7 @@ What it is
     directly on the latent cache and the full keys/values never exist. Position goes through a separate,
     decoupled RoPE part (q_rope, k_rope) because a rotation between W_UK and the query would block absorption.
     Kimi K2 keeps DeepSeek-V3's MLA but uses 64 heads instead of 128: at 128k context 128 heads would cost
-    +83% inference FLOPs for only 0.5-1.2% lower validation loss (K2 report §2.2). This file also builds the
+    +83% inference FLOPs for only 0.5-1.2% lower validation loss (K2 report §2.3). This file also builds the
     whole K2 decoder: embedding, 1 dense SwiGLU layer, then MoE layers from chapter 1, 61 layers, 1.04T params.
 
 Design choices
@@ -27,13 +27,14 @@ Design choices
 
 Simplified vs K2
     - No multi-token-prediction module (K2 has none; DeepSeek-V3 has 1, not built; `num_nextn_predict_layers` kept).
-    - No FP8, no tensor parallel, no fused kernels; fp32 on CPU, bf16 on CUDA.
+    - No FP8, no tensor parallel, no fused MLA or MoE kernels; fp32 on CPU, bf16 on CUDA.
     - Batched generation takes equal-length prompts (no left padding / attention mask).
     - tiny() has 4 layers of width 128 and 32 experts top-4 (sparsity 8, K2: 48); ratios noted in tiny().
 
 References
-    DeepSeek-V2 (arXiv 2405.04434) §2.1 MLA, low-rank KV joint compression, decoupled RoPE, absorption (App. C);
-    DeepSeek-V3 (arXiv 2412.19437) §2.1; Kimi K2 (arXiv 2507.20534) §2.2 (64 heads, +83% FLOPs), §2.1 (QK-Clip);
+    DeepSeek-V2 (arXiv 2405.04434) §2.1.2 low-rank KV joint compression and absorption, §2.1.3 decoupled RoPE,
+    App. C full MLA formulas;
+    DeepSeek-V3 (arXiv 2412.19437) §2.1; Kimi K2 (arXiv 2507.20534) §2.3 (64 heads, +83% FLOPs), §2.1 (QK-Clip);
     YaRN (arXiv 2309.00071) §3.2-3.4; RoFormer (arXiv 2104.09864); Chinchilla (arXiv 2203.15556) App. F (FLOPs).
 
 Run:
@@ -378,7 +379,7 @@ class MLA(nn.Module):
         return torch.einsum("bhst,bthv->bshv", p, v)  # (B, S, H, dv)
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Attention in latent space (DeepSeek-V2 App. C): W_UK folds into the query, W_UV into the output.
+        """Attention in latent space (DeepSeek-V2 §2.1.2): W_UK folds into the query, W_UV into the output.
 
         q_nope·k_nope = q_nope·(W_UK c) = (W_UKᵀ q_nope)·c   and   Σ_t p_t (W_UV c_t) = W_UV (Σ_t p_t c_t).
         """
