@@ -527,14 +527,14 @@ def train_facts(args, n_experts: int, seed: int, progress: Progress, task) -> li
     gen = torch.Generator().manual_seed(seed)
     facts = torch.randint(0, args.n_symbols, (args.n_symbols, args.n_symbols), generator=gen)  # the knowledge
     val_gen = torch.Generator().manual_seed(10_000 + seed)
-    val = [fact_batch(facts, args.n_symbols, args.batch_size, args.facts_per_seq, val_gen) for _ in range(4)]
+    val = [fact_batch(facts, args.n_symbols, args.sweep_batch_size, args.facts_per_seq, val_gen) for _ in range(4)]
     model = ToyMoELM(args.n_symbols, args.sweep_hidden_size, moe_intermediate_size=args.sweep_expert_size,
                      n_routed_experts=n_experts, num_experts_per_tok=args.sweep_top_k, n_shared_experts=1,
                      routed_scaling_factor=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sweep_lr, weight_decay=0.0)
     curve = []
     for step in range(1, args.sweep_steps + 1):
-        idx, targets = fact_batch(facts, args.n_symbols, args.batch_size, args.facts_per_seq, gen)
+        idx, targets = fact_batch(facts, args.n_symbols, args.sweep_batch_size, args.facts_per_seq, gen)
         _, loss, stats = model(idx, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -685,6 +685,8 @@ def main() -> None:
     p.add_argument("--bench", action="store_true", help="time fast dispatch vs dense SwiGLU vs DeepseekV3MoE")
     p.add_argument("--preset", choices=["kimi-k2"], default=None, help="print the real layer sizes (meta device)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the tiny demos, torch's default for --bench)")
     # demo 1
     p.add_argument("--steps", type=int, default=400, help="training steps per run (load balance demo)")
     p.add_argument("--log-every", type=int, default=50, help="table row every this many steps")
@@ -700,15 +702,16 @@ def main() -> None:
     p.add_argument("--bias-update-speed", type=float, default=0.01,
                    help="u in b_i += u·sign(mean-load_i) (DeepSeek-V3: 0.001 over far more steps)")
     # demo 2
-    p.add_argument("--sparsities", default="1,2,4,8,16", help="comma-separated total/activated ratios to sweep")
+    p.add_argument("--sparsities", default="1,2,4,8,16,32", help="comma-separated total/activated ratios to sweep")
     p.add_argument("--seeds", type=int, default=2, help="seeds averaged per sparsity")
-    p.add_argument("--n-symbols", type=int, default=48, help="symbols; facts are all (a, b) -> v pairs")
+    p.add_argument("--n-symbols", type=int, default=64, help="symbols; facts are all (a, b) -> v pairs")
     p.add_argument("--facts-per-seq", type=int, default=16, help="facts (3 tokens each) per training sequence")
     p.add_argument("--sweep-steps", type=int, default=600, help="training steps per sweep run")
     p.add_argument("--eval-every", type=int, default=50, help="validation every this many sweep steps")
-    p.add_argument("--sweep-hidden-size", type=int, default=32, help="model width D in the sweep")
-    p.add_argument("--sweep-expert-size", type=int, default=32, help="expert width F in the sweep")
+    p.add_argument("--sweep-hidden-size", type=int, default=16, help="model width D in the sweep")
+    p.add_argument("--sweep-expert-size", type=int, default=16, help="expert width F in the sweep")
     p.add_argument("--sweep-top-k", type=int, default=2, help="activated routed experts in the sweep")
+    p.add_argument("--sweep-batch-size", type=int, default=32, help="sequences per sweep step")
     p.add_argument("--sweep-lr", type=float, default=3e-3, help="AdamW learning rate in the sweep")
     p.add_argument("--figures-dir", default="figures", help="where sparsity_scaling.png goes")
     # bench
@@ -716,6 +719,10 @@ def main() -> None:
     p.add_argument("--bench-reps", type=int, default=7, help="timed repetitions per variant (median reported)")
     args = p.parse_args()
     console = Console()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif not args.bench:
+        torch.set_num_threads(1)  # tiny matmuls: one thread avoids OpenMP hand-offs (and noisy neighbours)
     if args.preset:
         show_preset(console)
     elif args.bench:
