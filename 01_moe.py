@@ -48,10 +48,13 @@ Simplified vs K2
 - No expert parallelism or token dropping here (chapter 4 shards experts); K2 drops no tokens either.
 - The demos train a minimal language model local to this file (embedding, a causal token-shift, one MoE, a
   head); the real decoder with MLA attention is chapter 2.
-- The sparsity sweep is a miniature of Figure 5: it keeps fixed activated experts (2 routed + 1 shared), fixed
-  FLOPs per token, the same training tokens, and growing total experts, on a task whose loss depends on stored
-  knowledge (random (a, b) -> v facts). It drops: real text, model scale, several model sizes per sparsity,
-  and fitting a law; "FLOPs to reach a loss" is read off the validation curves at equal FLOPs per step.
+- The sparsity sweep is a miniature of Figure 5. It keeps: a fixed number of activated experts (2 routed + 1
+  shared, as K2 keeps 8 + 1), hence fixed expert FLOPs per token (only the router's D x E product grows), the
+  same training tokens for every sparsity, total experts growing (sparsity 1 ... 32), the bias balancer on,
+  and validation loss as the measure, read also as "steps (= FLOPs) to reach the least sparse model's final
+  loss". It drops: real text (the task is 64 x 64 random facts (a, b) -> v, where loss measures stored
+  knowledge, so extra experts have something to hold; validation uses fresh sequences of the same facts),
+  model scale (D = 16, F = 16), several model sizes per sparsity and a fitted scaling law, and K2's 8-of-384.
 
 References
 - Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.3 (sparsity scaling law, Figure 5), Table 2.
