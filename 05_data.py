@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -478,6 +479,20 @@ class LMRewriter:
 
         return cls(generate)
 
+    @classmethod
+    def from_transformers(cls, name_or_path: str, max_new_tokens: int = 200):
+        """Any local Hugging Face causal LM (imported lazily; nothing is downloaded unless you ask for it)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        hf_tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+
+        def generate(prompt: str) -> str:
+            ids = hf_tok(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True)
+            return hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+        return cls(generate)
+
 
 TOPIC_IDEAS = {
     "shopping": ("Total cost", "multiply quantity by unit price, then add the extras",
@@ -566,23 +581,19 @@ class SandboxResult:
     degraded: str = ""        # why a layer is missing, "" when all were applied
 
 
-_PROBE: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _namespaces_available() -> tuple[bool, str]:
     """Root + util-linux unshare that can really create the namespaces (probed once, on first use)."""
-    if "ns" not in _PROBE:
-        unshare = shutil.which("unshare")
-        if not hasattr(os, "geteuid") or os.geteuid() != 0:
-            _PROBE["ns"] = (False, "not root: no namespaces and no uid switch (the network stays open, files the "
-                                   "user can write are writable, same-uid processes and /proc/<pid>/environ reachable)")
-        elif not unshare:
-            _PROBE["ns"] = (False, "unshare not found: no network/pid/mount namespaces")
-        else:
-            r = subprocess.run([unshare, "--mount", "--net", "--pid", "--fork", "true"], capture_output=True)
-            _PROBE["ns"] = (r.returncode == 0, "" if r.returncode == 0 else
-                            f"unshare failed ({r.stderr.decode(errors='replace').strip()}): no namespaces")
-    return _PROBE["ns"]
+    unshare = shutil.which("unshare")
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False, ("not root: no namespaces and no uid switch (the network stays open, files the user can "
+                       "write are writable, same-uid processes and /proc/<pid>/environ reachable)")
+    if not unshare:
+        return False, "unshare not found: no network/pid/mount namespaces"
+    r = subprocess.run([unshare, "--mount", "--net", "--pid", "--fork", "true"], capture_output=True)
+    if r.returncode != 0:
+        return False, f"unshare failed ({r.stderr.decode(errors='replace').strip()}): no namespaces"
+    return True, ""
 
 
 def _count_procs(uid: int) -> int:
@@ -1345,21 +1356,27 @@ def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats
         stats["documents dropped"] = stats.get("documents dropped", 0) + 1
 
 
-def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0):
-    """Three training curricula over the same world. Each is a list of epochs, each epoch a list of documents.
+def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0, repeat: int = 1, qa_fraction: float = 0.5):
+    """Three training curricula over the same world. Each is a list of epochs, each epoch a list of documents:
+    raw x n*repeat epochs, one rephrasing x n*repeat epochs, n rephrasings x repeat epochs each.
+    (repeat > 1 buys a tiny model the exposures it needs to memorise anything; the report's N is n.)
 
-    QA lines are taught on half the entities ("format" entities) in every arm; the other half is held out:
+    QA lines are taught on a qa_fraction of the entities ("format" entities) in every arm; the rest is held out:
     their knowledge is only in the biographies, so answering needs extraction, not QA recall.
     """
     rng = random.Random(seed)
     ents = list(world.entities)
     rng.shuffle(ents)
-    fmt, held_out = ents[: len(ents) // 2], ents[len(ents) // 2:]
+    if not 0 < qa_fraction < 1:
+        raise ValueError(f"qa_fraction: must be in (0, 1), got {qa_fraction}")
+    k = round(len(ents) * qa_fraction)
+    fmt, held_out = ents[:k], ents[k:]
     qa_docs = ["".join(world.qa(e, a)) for e in fmt for a in ATTRIBUTES]
     stats: dict = {}
     raw = [world.raw_document(e) for e in world.entities]
     rephrasings = [[rephrase_document(world, d, rng, stats) for d in raw] for _ in range(n)]
-    arms = {"raw": [raw] * n, "one_rephrasing": [rephrasings[0]] * n, "n_rephrasings": rephrasings}
+    arms = {"raw": [raw] * (n * repeat), "one_rephrasing": [rephrasings[0]] * (n * repeat),
+            "n_rephrasings": rephrasings * repeat}
     arms = {k: [bios + qa_docs for bios in epochs] for k, epochs in arms.items()}
     return arms, fmt, held_out, stats
 

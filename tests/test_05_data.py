@@ -5,6 +5,7 @@ import os
 import random
 import socket
 import sys
+import tempfile
 import time
 import uuid
 
@@ -307,10 +308,13 @@ def _run(code, marker, **kw):
 
 @linux_only
 def test_sandbox_runs_code_and_cleans_up(marker):
+    tmp = tempfile.gettempdir()
+    before = {n for n in os.listdir(tmp) if n.startswith("sandbox-")}
     r, _ = _run("import os\nprint(os.getcwd())\nopen('out.txt', 'w').write('x')\n", marker, timeout_s=5)
     assert r.ok and r.exit_code == 0 and not r.timed_out
     workdir = r.stdout.strip()
     assert os.path.basename(workdir).startswith("sandbox-") and not os.path.exists(workdir)
+    assert {n for n in os.listdir(tmp) if n.startswith("sandbox-")} <= before  # no work dir left behind
     r, _ = _run("import sys\nsys.exit(3)", marker)
     assert not r.ok and r.exit_code == 3
     with pytest.raises(ValueError, match="timeout_s"):
