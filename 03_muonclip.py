@@ -26,12 +26,16 @@ Design choices
   Newton-Schulz normalisation makes the two identical up to eps, and a test checks it).
 - Newton-Schulz in fp32 by default (we run on CPUs; bf16 is what GPUs use and an option here).
 - 3-D expert stacks (E, out, in) are orthogonalised per expert matrix, batched over E.
+- QK-Clip uses the S_max of the forward that produced the gradient (K2 Algorithm 1), so the next forward
+  can sit above tau by however much that one update moved the logits; it is a cap with one step of lag.
 
 Simplified vs K2
 - Single process. K2 runs Muon on ZeRO-1 shards (gather the full matrix, Newton-Schulz, keep the local
   slice); chapter 4 does that. QK-Clip here reads S_max from one forward of the local batch.
 - K2's MuonClip clips heads per layer with tau = 100 over 15.5T tokens; the demo uses a tiny model, a
   synthetic language and a small tau to make the explosion and the clip visible in minutes on a CPU.
+- With gradient accumulation K2 takes S_max over the whole batch; here it is the last micro-batch's.
+- The Muon-vs-AdamW comparison is a 300-step toy run, not Moonlight's compute-optimal scaling study.
 
 References
 - K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024 (blog + code).
@@ -379,13 +383,14 @@ def toy_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int, n_sym
 
 # ---- One training run, instrumented ----
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.1, tau: float = 100.0):
-    """name in {adamw, muon, muonclip}. Muon runs use the same lr for the AdamW part (RMS matching)."""
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.1, tau: float = 100.0,
+                   adamw_lr: float | None = None):
+    """name in {adamw, muon, muonclip}; adamw_lr (default: lr) is the Muon runs' lr for non-matrix params."""
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     if name in ("muon", "muonclip"):
-        return MuonClip(model, lr=lr, adamw_lr=lr, weight_decay=weight_decay, adamw_weight_decay=weight_decay,
-                        tau=tau, qk_clip=name == "muonclip")
+        return MuonClip(model, lr=lr, adamw_lr=lr if adamw_lr is None else adamw_lr, weight_decay=weight_decay,
+                        adamw_weight_decay=weight_decay, tau=tau, qk_clip=name == "muonclip")
     raise ValueError(f"optimizer must be one of ('adamw', 'muon', 'muonclip'), got {name!r}")
 
 
@@ -398,11 +403,12 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def train_run(cfg, opt_name: str, lr: float, steps: int, batch_size: int, seq_len: int, seed: int,
-              weight_decay: float = 0.1, tau: float = 100.0, progress=None, label: str = "") -> dict:
+              weight_decay: float = 0.1, tau: float = 100.0, adamw_lr: float | None = None, progress=None,
+              label: str = "") -> dict:
     """Train a fresh `Transformer(cfg)` from seed; return per-step losses, S_max, clip fractions, timings."""
     torch.manual_seed(seed)
     model = mla.Transformer(cfg)
-    opt = make_optimizer(model, opt_name, lr, weight_decay, tau)
+    opt = make_optimizer(model, opt_name, lr, weight_decay, tau, adamw_lr)
     set_record_s_max(model, True)  # AdamW runs record too, for the curves
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
@@ -463,14 +469,18 @@ def tokens_to_reach(curve: list[float], target: float, tokens_per_step: int) -> 
 def demo_muon_vs_adamw(args, console: Console) -> dict:
     cfg = mla.ModelConfig.tiny()
     tokens_per_step = args.batch_size * args.seq_len
-    runs = {}
+    runs, final, best = {}, {}, {}
+    # AdamW first; the Muon runs then keep AdamW at its best lr for the embedding, head and norms, so the
+    # only difference between the two sides is the optimizer of the hidden matrices.
     with Progress(console=console, transient=True) as progress:
         for name, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
             for lr in lrs:
                 runs[(name, lr)] = train_run(cfg, name, lr, args.steps, args.batch_size, args.seq_len, args.seed,
-                                             progress=progress, label=f"{name:5s} lr={lr:g}")
-    final = {k: smooth(r["loss"])[-1] if len(r["loss"]) == args.steps else math.inf for k, r in runs.items()}
-    best = {name: min((k for k in runs if k[0] == name), key=final.get) for name in ("adamw", "muon")}
+                                             adamw_lr=best.get("adamw", (None, None))[1], progress=progress,
+                                             label=f"{name:5s} lr={lr:g}")
+                r = runs[(name, lr)]
+                final[(name, lr)] = smooth(r["loss"])[-1] if len(r["loss"]) == args.steps else math.inf
+            best[name] = min((k for k in runs if k[0] == name), key=final.get)
 
     table = Table(title=f"lr sweep: tiny K2, {args.steps} steps x {tokens_per_step} tokens, seed {args.seed}")
     for col in ("optimizer", "lr", "final loss (EMA)", "best"):
@@ -483,31 +493,40 @@ def demo_muon_vs_adamw(args, console: Console) -> dict:
     adam_tokens = args.steps * tokens_per_step
     muon_tokens = tokens_to_reach(muon, adam[-1], tokens_per_step)
     ratio = muon_tokens / adam_tokens
+    # The other direction, for when Muon never gets there: tokens AdamW needs to reach Muon's final loss.
+    rev = tokens_to_reach(adam, muon[-1], tokens_per_step) / adam_tokens
+    ratio_txt = f"{ratio:.2f}" if math.isfinite(ratio) else f"not reached in {adam_tokens:,} tokens"
     table = Table(title="Muon vs AdamW at their best lr (same model init, data, tokens, schedule)")
     for col in ("", "AdamW", "Muon"):
         table.add_column(col, justify="right")
     table.add_row("best lr", f"{best['adamw'][1]:g}", f"{best['muon'][1]:g}")
     table.add_row("final loss (EMA)", f"{adam[-1]:.4f}", f"{muon[-1]:.4f}")
-    table.add_row("tokens to AdamW's final loss", f"{adam_tokens:,}", f"{muon_tokens:,.0f}")
-    table.add_row("token ratio Muon / AdamW", "1.00", f"{ratio:.2f}  (Moonlight at scale: ~0.52 of FLOPs)")
+    table.add_row("tokens to AdamW's final loss", f"{adam_tokens:,}",
+                  f"{muon_tokens:,.0f}" if math.isfinite(muon_tokens) else "not reached")
+    table.add_row("token ratio Muon / AdamW", "1.00", f"{ratio_txt}  (Moonlight at scale: ~0.52 of FLOPs)")
+    table.add_row("AdamW tokens to Muon's final loss / AdamW's", "", f"{rev:.2f}" if math.isfinite(rev) else "not reached")
     console.print(table)
 
     if not args.no_figures:
         plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         x = [i * tokens_per_step for i in range(args.steps)]
-        for name, curve, color in (("AdamW", adam, "tab:blue"), ("Muon", muon, "tab:red")):
-            lr = best[name.lower()][1]
-            ax.plot(x[: len(curve)], curve, color=color, label=f"{name} (best lr {lr:g})")
-        ax.axhline(adam[-1], color="gray", ls=":", lw=1)
-        if math.isfinite(muon_tokens):
-            ax.axvline(muon_tokens, color="tab:red", ls=":", lw=1)
-        ax.set(xlabel="training tokens", ylabel="train loss (EMA)", ylim=(None, min(adam[0], muon[0])),
-               title=f"Muon vs AdamW on the tiny K2: Muon reaches AdamW's final loss with {ratio:.2f}x the tokens")
-        ax.title.set_fontsize(9)
-        ax.legend()
+        zoom_from = args.steps // 3  # right panel: zoom on the last two thirds
+        for ax, lo in zip(axes, (0, zoom_from)):
+            for name, curve, color in (("AdamW", adam, "tab:blue"), ("Muon", muon, "tab:red")):
+                ax.plot(x[lo: len(curve)], curve[lo:], color=color, label=f"{name} (best lr {best[name.lower()][1]:g})")
+            ax.axhline(adam[-1], color="gray", ls=":", lw=1)
+            if math.isfinite(muon_tokens) and muon_tokens >= x[lo]:
+                ax.axvline(muon_tokens, color="tab:red", ls=":", lw=1)
+            ax.set(xlabel="training tokens", ylabel="train loss (EMA)")
+            ax.legend()
+        axes[0].set_title("whole run")
+        axes[1].set_title("zoom")
+        fig.suptitle(f"Muon vs AdamW on the tiny K2 (seed {args.seed}): tokens to AdamW's final loss, "
+                     f"Muon / AdamW = {ratio_txt}", fontsize=10)
+        fig.tight_layout()
         _save(fig, "figures/muon_vs_adamw.png", console)
-    return dict(ratio=ratio, best=best, final=final)
+    return dict(ratio=ratio, reverse_ratio=rev, best=best, final=final)
 
 
 # ---- Demo 2: logit explosion in miniature, and QK-Clip ----
@@ -624,12 +643,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for model init and data")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=150, help="demo 1: training steps per run")
-    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="demo 1: AdamW lr sweep")
-    p.add_argument("--muon-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="demo 1: Muon lr sweep")
-    p.add_argument("--clip-steps", type=int, default=300, help="demo 2: training steps per run")
+    p.add_argument("--steps", type=int, default=300, help="demo 1: training steps per run")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="demo 1: AdamW lr sweep")
+    p.add_argument("--muon-lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1],
+                   help="demo 1: Muon lr sweep (matrices; the rest keep AdamW's best lr)")
+    p.add_argument("--clip-steps", type=int, default=600, help="demo 2: training steps per run")
     p.add_argument("--clip-lr", type=float, default=3e-2, help="demo 2: (high) lr for both runs")
-    p.add_argument("--clip-wd", type=float, default=0.0, help="demo 2: (little) weight decay for both runs")
+    p.add_argument("--clip-wd", type=float, default=0.1, help="demo 2: weight decay for both runs (0 = no decay)")
     p.add_argument("--tau", type=float, default=10.0, help="demo 2: QK-Clip threshold (K2: 100)")
     p.add_argument("--bench", action="store_true", help="also measure optimizer overhead vs forward-backward")
     p.add_argument("--bench-steps", type=int, default=30, help="bench: training steps timed")
