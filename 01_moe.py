@@ -27,14 +27,14 @@ Design choices
 - Two dispatch paths with identical results (a test keeps outputs and all gradients equal):
   `naive_dispatch`, a loop over experts that gathers each expert's tokens with `torch.where` (the definition);
   `fast_dispatch`, which sorts the T·K token-slots by expert once (argsort), runs each expert on a contiguous
-  slice, and adds the weighted results back with one `index_add_`. The per-expert SwiGLU of the fast path is a
-  small autograd.Function with the SwiGLU backward written out by hand: it writes each expert's output and
-  gradient straight into preallocated buffers instead of building (T·K, D) concatenations, split/stack backward
-  nodes and per-expert zero-filled weight gradients, which is where the autograd version loses its time on CPU
-  (profiled: `w_gate[e]` alone costs an (E, F, D) zero-fill per expert in backward).
-  `torch._grouped_mm` would be the one-call version; in torch 2.13 on CPU fp32 its forward works but its
-  backward fails ("Invalid strides/sizes"), so we loop over non-empty experts (64 matmuls of ~512 rows are
-  large enough to keep the CPU busy). Padded batched `bmm` was slower (it computes and moves the padding).
+  block of rows, and adds the weighted results back with one `index_add_`. The per-expert SwiGLU is a small
+  autograd.Function (`grouped_swiglu`) whose backward is SwiGLU's chain rule written out: a handful of grouped
+  matmuls and whole-tensor elementwise ops in each direction. Profiling showed why: autograd through a Python
+  loop over experts spends more time than the matmuls themselves on bookkeeping (`w_gate[e]` alone costs an
+  (E, F, D) zero-fill per expert in backward, plus (T·K, D) concatenations and stacks). The grouped matmul is
+  `torch._grouped_mm` where it runs (CPU, 16-byte aligned strides; its forward works on CPU fp32 in torch 2.13
+  but its own backward fails, hence our backward), else a plain loop over non-empty experts (`grouped_mm`).
+  Padded batched `bmm` was slower (it computes and moves the padding).
 - The gating weight multiplies the expert's hidden activation h (width F) instead of its output (width D);
   by linearity of w_down, g · W_down h = W_down (g · h), and the product touches 4x fewer numbers at K2 sizes.
 - The router computes in fp32 and returns its affinities `scores` so callers can log or regularise them.
@@ -271,58 +271,74 @@ def naive_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     return y
 
 
+def _grouped_mm_works(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on CPU (torch 2.13) when every stride and base address is 16-byte aligned."""
+    return hasattr(torch, "_grouped_mm") and all(
+        t.device.type == "cpu" and t.data_ptr() % 16 == 0
+        and all(st * t.element_size() % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int], offs: torch.Tensor,
+               impl: str = "auto") -> torch.Tensor:
+    """Matmuls over contiguous row blocks, block e = rows [offs[e-1], offs[e]) (counts[e] rows):
+    a (N, K) with b (E, K, M) -> (N, M), block e is a[e-block] @ b[e]          (each expert on its tokens)
+    a (K, N) with b (N, M)    -> (E, K, M), slice e is a[:, e-block] @ b[e-block] (each expert's weight gradient)
+    One torch._grouped_mm call where it works, else a loop over the blocks (impl="loop" forces the loop)."""
+    if impl not in ("auto", "loop"):
+        raise ValueError(f"impl must be 'auto' or 'loop', got {impl!r}")
+    if impl == "auto" and _grouped_mm_works(a, b):
+        return torch._grouped_mm(a, b, offs=offs)
+    starts = [int(o) - n for o, n in zip(offs.tolist(), counts)]
+    if b.dim() == 3:  # per-expert matmul
+        out = a.new_zeros(a.shape[0], b.shape[-1])  # (N, M)
+        for e, (s, n) in enumerate(zip(starts, counts)):
+            if n:
+                torch.mm(a[s:s + n], b[e], out=out[s:s + n])
+        return out
+    out = a.new_zeros(len(counts), a.shape[0], b.shape[-1])  # (E, K, M); idle experts stay 0
+    for e, (s, n) in enumerate(zip(starts, counts)):
+        if n:
+            torch.mm(a[:, s:s + n], b[s:s + n], out=out[e])
+    return out
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
-    """Row block e of x_sorted goes through expert e. The backward is SwiGLU's chain rule written out:
-    G = X W_gᵀ, U = X W_uᵀ, A = silu(G), H = w ⊙ A ⊙ U, Y = H W_dᵀ  =>
-    dW_d = dYᵀ H ; dH = dY W_d ; dw = Σ_f dH ⊙ A ⊙ U ; dU = w ⊙ dH ⊙ A ; dG = w ⊙ dH ⊙ U ⊙ silu'(G) ;
-    dW_g = dGᵀ X ; dW_u = dUᵀ X ; dX = dG W_g + dU W_u ;  silu'(g) = σ(g) (1 + g (1 - σ(g)))."""
+    """Rows of x sorted by expert; block e goes through expert e. Forward, per block (X, w rows; W_* of expert e):
+        G = X W_gᵀ ; U = X W_uᵀ ; A = silu(G) ; H = w ⊙ A ⊙ U ; Y = H W_dᵀ
+    The backward is SwiGLU's chain rule written out, so both directions are a few grouped matmuls plus
+    elementwise ops on whole (N, F) tensors (autograd through a per-expert loop spends most of its time on
+    per-expert zero-filled weight gradients, concatenations and stacks; torch._grouped_mm's own backward
+    fails on CPU in torch 2.13):
+        dW_d = dYᵀ H ; dH = dY W_d ; dw = Σ_f dH ⊙ A ⊙ U ; dU = w ⊙ dH ⊙ A ; dG = w ⊙ dH ⊙ U ⊙ silu'(G)
+        dW_g = dGᵀ X ; dW_u = dUᵀ X ; dX = dG W_g + dU W_u      with silu'(g) = σ(g) (1 + g (1 - σ(g)))"""
 
     @staticmethod
     def forward(ctx, x, weight, counts, w_gate, w_up, w_down):
-        y = x.new_empty(x.shape[0], w_down.shape[1])  # (N, D)
-        G = x.new_empty(x.shape[0], w_gate.shape[1])  # (N, F) pre-activations, kept for backward
-        U = torch.empty_like(G)  # (N, F)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            torch.mm(x[rows], w_gate[e].t(), out=G[rows])  # (n, F)
-            torch.mm(x[rows], w_up[e].t(), out=U[rows])  # (n, F)
-            H = F.silu(G[rows]) * U[rows] * weight[rows, None]  # (n, F)
-            torch.mm(H, w_down[e].t(), out=y[rows])  # (n, D)
-            start += n
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (E,) block ends
+        G = grouped_mm(x, w_gate.transpose(1, 2), counts, offs)  # (N, F)
+        U = grouped_mm(x, w_up.transpose(1, 2), counts, offs)  # (N, F)
+        H = F.silu(G) * U * weight[:, None]  # (N, F): the gate g_{t,i} scales the hidden state
+        y = grouped_mm(H, w_down.transpose(1, 2), counts, offs)  # (N, D)
         ctx.counts = counts
-        ctx.save_for_backward(x, weight, w_gate, w_up, w_down, G, U)
+        ctx.save_for_backward(x, weight, w_gate, w_up, w_down, G, U, offs)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, w_gate, w_up, w_down, G, U = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx, dweight = torch.empty_like(x), torch.empty_like(weight)
-        dw_gate, dw_up, dw_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:  # an expert that got no token gets a zero gradient
-                dw_gate[e].zero_(), dw_up[e].zero_(), dw_down[e].zero_()
-                continue
-            rows = slice(start, start + n)
-            w = weight[rows, None]  # (n, 1)
-            A = F.silu(G[rows])  # (n, F)
-            AU = A * U[rows]  # (n, F)
-            torch.mm(dy[rows].t(), AU * w, out=dw_down[e])  # (D, F)  dW_d = dYᵀ H
-            dH = dy[rows] @ w_down[e]  # (n, F)
-            dweight[rows] = (dH * AU).sum(-1)  # (n,)
-            dH = dH * w  # (n, F)
-            dU = dH * A  # (n, F)
-            dG = torch.ops.aten.silu_backward(dH * U[rows], G[rows])  # (n, F): dA ⊙ silu'(G), one fused op
-            torch.mm(dG.t(), x[rows], out=dw_gate[e])  # (F, D)
-            torch.mm(dU.t(), x[rows], out=dw_up[e])  # (F, D)
-            torch.mm(dG, w_gate[e], out=dx[rows])  # (n, D)
-            dx[rows].addmm_(dU, w_up[e])  # dX = dG W_g + dU W_u
-            start += n
+        x, weight, w_gate, w_up, w_down, G, U, offs = ctx.saved_tensors
+        counts, dy, w = ctx.counts, dy.contiguous(), weight[:, None]  # w (N, 1)
+        A = F.silu(G)  # (N, F)
+        AU = A * U  # (N, F)
+        dw_down = grouped_mm(dy.t(), AU * w, counts, offs)  # (E, D, F)   dW_d = dYᵀ H
+        dH = grouped_mm(dy, w_down, counts, offs)  # (N, F)                dH = dY W_d
+        dweight = (dH * AU).sum(-1)  # (N,)                                dw = Σ_f dH ⊙ A ⊙ U
+        dH = dH * w  # (N, F)
+        dU = dH * A  # (N, F)
+        dG = torch.ops.aten.silu_backward(dH * U, G)  # (N, F)             dG = (dH ⊙ U) ⊙ silu'(G), fused
+        dw_gate = grouped_mm(dG.t(), x, counts, offs)  # (E, F, D)
+        dw_up = grouped_mm(dU.t(), x, counts, offs)  # (E, F, D)
+        dx = grouped_mm(dG, w_gate, counts, offs) + grouped_mm(dU, w_up, counts, offs)  # (N, D)
         return dx, dweight, None, dw_gate, dw_up, dw_down
 
 
@@ -617,16 +633,23 @@ def bench(args, console: Console) -> None:
     try:
         from transformers import DeepseekV3Config
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
-        cfg = DeepseekV3Config(hidden_size=D, moe_intermediate_size=Fd, n_routed_experts=E, num_experts_per_tok=K,
-                               n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
-                               routed_scaling_factor=2.827)
-        hf = DeepseekV3MoE(cfg)
-        for p in hf.parameters():
-            nn.init.normal_(p, std=0.02)
-        variants["transformers DeepseekV3MoE"] = hf
     except ImportError:
         console.print("transformers not installed: skipping DeepseekV3MoE")
+    else:
+        for impl in ("eager", "grouped_mm"):  # transformers' per-expert loop, and its grouped-matmul kernel path
+            cfg = DeepseekV3Config(hidden_size=D, moe_intermediate_size=Fd, n_routed_experts=E, num_experts_per_tok=K,
+                                   n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                                   routed_scaling_factor=2.827)
+            cfg._experts_implementation = impl
+            hf = DeepseekV3MoE(cfg)
+            for p in hf.parameters():
+                nn.init.normal_(p, std=0.02)
+            try:
+                hf(torch.randn(1, 8, D, requires_grad=True)).sum().backward()
+            except Exception as err:  # an implementation this torch build cannot run on this device
+                console.print(f"skipping transformers DeepseekV3MoE ({impl}): {type(err).__name__}: {err}")
+                continue
+            variants[f"transformers DeepseekV3MoE ({impl})"] = hf
     x0 = torch.randn(1, T, D)
 
     def step(module):
