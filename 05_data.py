@@ -1449,8 +1449,9 @@ def train_arm(stream: list[int], steps: int, cfg, seq_len: int, batch_size: int,
     return model, sum(losses[-10:]) / len(losses[-10:])
 
 
-def rephrase_experiment(n_entities: int = 48, n: int = 10, seq_len: int = 128, batch_size: int = 8,
-                        lr: float = 3e-3, seeds=(0,), console=None) -> list[dict]:
+def rephrase_experiment(n_entities: int = 48, n: int = 10, repeat: int = 2, qa_fraction: float = 0.5,
+                        seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, seeds=(0,),
+                        console=None) -> list[dict]:
     """K2 Table 1 in miniature: equal training tokens; raw x N epochs vs one rephrasing x N vs N rephrasings x 1."""
     from rich.progress import Progress
     mla = importlib.import_module("02_mla")  # lazily: chapter 5 stays standalone otherwise
@@ -1459,14 +1460,15 @@ def rephrase_experiment(n_entities: int = 48, n: int = 10, seq_len: int = 128, b
     rows = []
     for seed in seeds:
         world = KnowledgeWorld(n_entities, seed=seed)
-        arms, fmt, held_out, stats = build_experiment_arms(world, n, seed=seed)
+        arms, fmt, held_out, stats = build_experiment_arms(world, n, seed, repeat, qa_fraction)
         streams = {k: token_stream(v, tok, seed) for k, v in arms.items()}
         steps = (min(map(len, streams.values())) - 1) // (batch_size * seq_len)  # equal tokens for every arm
         with Progress(console=console, transient=True) as progress:
             for k, stream in streams.items():
                 task = progress.add_task(f"seed {seed}: {k}", total=steps)
                 model, loss = train_arm(stream, steps, cfg, seq_len, batch_size, lr, seed, progress, task)
-                rows.append({"seed": seed, "arm": k, "tokens": steps * batch_size * seq_len,
+                rows.append({"seed": seed, "arm": k, "tokens": steps * batch_size * seq_len, "steps": steps,
+                             "held_out_questions": len(held_out) * len(ATTRIBUTES),
                              "stream_tokens": len(stream), "final_loss": loss,
                              "acc_held_out": qa_accuracy(model, world, held_out, tok),
                              "acc_format": qa_accuracy(model, world, fmt, tok), "rephrase_stats": stats})
@@ -1535,9 +1537,11 @@ def main(argv=None):
     p.add_argument("--sandbox-demo", action="store_true", help="also run hostile programs through the sandbox")
     p.add_argument("--rephrase-experiment", action="store_true", help="run K2 Table 1 in miniature (minutes)")
     p.add_argument("--entities", type=int, default=48, help="experiment: entities in the knowledge world")
-    p.add_argument("--n", type=int, default=10, help="experiment: N (epochs of raw / rephrasings)")
+    p.add_argument("--n", type=int, default=10, help="experiment: N (epochs of raw / number of rephrasings)")
+    p.add_argument("--repeat", type=int, default=2, help="experiment: repeat each curriculum (exposures = N*repeat)")
+    p.add_argument("--qa-fraction", type=float, default=0.5, help="experiment: share of entities with QA lines")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="experiment: seeds (one run per seed)")
-    p.add_argument("--batch-size", type=int, default=8, help="experiment: sequences per step")
+    p.add_argument("--batch-size", type=int, default=16, help="experiment: sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="experiment: tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="experiment: peak AdamW learning rate")
     args = p.parse_args(argv)
@@ -1545,8 +1549,12 @@ def main(argv=None):
     from rich.table import Table
     console, tok = Console(width=None if sys.stdout.isatty() else 120), Tokenizer()
     if args.rephrase_experiment:
-        return _print_experiment(console, rephrase_experiment(args.entities, args.n, args.seq_len, args.batch_size,
-                                                              args.lr, tuple(args.seeds), console), args)
+        t0 = time.time()
+        rows = rephrase_experiment(args.entities, args.n, args.repeat, args.qa_fraction, args.seq_len,
+                                   args.batch_size, args.lr, tuple(args.seeds), console)
+        _print_experiment(console, rows, args)
+        console.print(f"done in {time.time() - t0:.0f} s")
+        return
     t0 = time.time()
     table = Table(title=f"Chapter 5 data pipeline (seed {args.seed})")
     for col in ("stage", "what", "count"):
@@ -1605,8 +1613,9 @@ def _print_experiment(console, rows: list[dict], args) -> None:
     from rich.table import Table
     names = {"raw": "raw text x N epochs", "one_rephrasing": "1 rephrasing x N epochs",
              "n_rephrasings": "N rephrasings x 1 epoch"}
-    t = Table(title=f"Rephrasing experiment: {args.entities} entities, N={args.n}, seeds {args.seeds} "
-                    f"(chance = {100 / 8:.1f}%)")
+    r0 = rows[0]
+    t = Table(title=f"Rephrasing experiment: {args.entities} entities ({r0['held_out_questions']} held-out questions), "
+                    f"N={args.n}, repeat={args.repeat}, seeds {args.seeds}; chance = {100 / 8:.1f}%")
     for col in ("curriculum", "train tokens", "final loss", "QA acc, held-out entities %",
                 "QA acc, format entities %", "K2 Table 1 (SimpleQA)"):
         t.add_column(col)
