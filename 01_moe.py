@@ -28,13 +28,15 @@ Design choices
   `naive_dispatch`, a loop over experts that gathers each expert's tokens with `torch.where` (the definition);
   `fast_dispatch`, which sorts the T·K token-slots by expert once (argsort), runs each expert on a contiguous
   block of rows, and adds the weighted results back with one `index_add_`. The per-expert SwiGLU is a small
-  autograd.Function (`grouped_swiglu`) whose backward is SwiGLU's chain rule written out: a handful of grouped
-  matmuls and whole-tensor elementwise ops in each direction. Profiling showed why: autograd through a Python
-  loop over experts spends more time than the matmuls themselves on bookkeeping (`w_gate[e]` alone costs an
-  (E, F, D) zero-fill per expert in backward, plus (T·K, D) concatenations and stacks). The grouped matmul is
-  `torch._grouped_mm` where it runs (CPU, 16-byte aligned strides; its forward works on CPU fp32 in torch 2.13
-  but its own backward fails, hence our backward), else a plain loop over non-empty experts (`grouped_mm`).
-  Padded batched `bmm` was slower (it computes and moves the padding).
+  autograd.Function (`grouped_swiglu`) whose backward is SwiGLU's chain rule written out, a loop over the
+  non-empty experts that writes outputs and gradients straight into preallocated buffers. Why, as profiled
+  (`--bench` sizes, CPU time, 1 thread, dense SwiGLU = 1.00x): autograd through the same loop spends more time on
+  bookkeeping than on matmuls (`w_gate[e]` costs an (E, F, D) zero-fill per expert in backward, plus (T·K, D)
+  concatenations and stacks); 2.4x-3.3x. `torch._grouped_mm` runs forward on CPU fp32 in torch 2.13 but its own
+  backward fails ("Invalid strides/sizes"); driving it from our hand-written backward works (9 calls) but
+  measured 1.63x against 1.40x for the loop, because its elementwise SwiGLU math then runs on whole (T·K, F)
+  tensors in memory instead of one cache-sized expert block at a time. Padded batched `bmm`: 3.2x (it computes
+  and moves the padding). Each ratio came from interleaved runs on the shared 2-core machine.
 - The gating weight multiplies the expert's hidden activation h (width F) instead of its output (width D);
   by linearity of w_down, g · W_down h = W_down (g · h), and the product touches 4x fewer numbers at K2 sizes.
 - The router computes in fp32 and returns its affinities `scores` so callers can log or regularise them.
@@ -73,6 +75,7 @@ Run:
 
 import argparse
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -271,74 +274,60 @@ def naive_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     return y
 
 
-def _grouped_mm_works(*tensors: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU (torch 2.13) when every stride and base address is 16-byte aligned."""
-    return hasattr(torch, "_grouped_mm") and all(
-        t.device.type == "cpu" and t.data_ptr() % 16 == 0
-        and all(st * t.element_size() % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
-
-
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int], offs: torch.Tensor,
-               impl: str = "auto") -> torch.Tensor:
-    """Matmuls over contiguous row blocks, block e = rows [offs[e-1], offs[e]) (counts[e] rows):
-    a (N, K) with b (E, K, M) -> (N, M), block e is a[e-block] @ b[e]          (each expert on its tokens)
-    a (K, N) with b (N, M)    -> (E, K, M), slice e is a[:, e-block] @ b[e-block] (each expert's weight gradient)
-    One torch._grouped_mm call where it works, else a loop over the blocks (impl="loop" forces the loop)."""
-    if impl not in ("auto", "loop"):
-        raise ValueError(f"impl must be 'auto' or 'loop', got {impl!r}")
-    if impl == "auto" and _grouped_mm_works(a, b):
-        return torch._grouped_mm(a, b, offs=offs)
-    starts = [int(o) - n for o, n in zip(offs.tolist(), counts)]
-    if b.dim() == 3:  # per-expert matmul
-        out = a.new_zeros(a.shape[0], b.shape[-1])  # (N, M)
-        for e, (s, n) in enumerate(zip(starts, counts)):
-            if n:
-                torch.mm(a[s:s + n], b[e], out=out[s:s + n])
-        return out
-    out = a.new_zeros(len(counts), a.shape[0], b.shape[-1])  # (E, K, M); idle experts stay 0
-    for e, (s, n) in enumerate(zip(starts, counts)):
-        if n:
-            torch.mm(a[:, s:s + n], b[s:s + n], out=out[e])
-    return out
-
-
 class _GroupedSwiGLU(torch.autograd.Function):
-    """Rows of x sorted by expert; block e goes through expert e. Forward, per block (X, w rows; W_* of expert e):
-        G = X W_gᵀ ; U = X W_uᵀ ; A = silu(G) ; H = w ⊙ A ⊙ U ; Y = H W_dᵀ
-    The backward is SwiGLU's chain rule written out, so both directions are a few grouped matmuls plus
-    elementwise ops on whole (N, F) tensors (autograd through a per-expert loop spends most of its time on
-    per-expert zero-filled weight gradients, concatenations and stacks; torch._grouped_mm's own backward
-    fails on CPU in torch 2.13):
+    """Rows of x sorted by expert; block e (counts[e] rows) goes through expert e:
+        G = X W_gᵀ ; U = X W_uᵀ ; A = silu(G) ; H = w ⊙ A ⊙ U ; Y = H W_dᵀ        (w: the rows' gates g_{t,i})
+    The backward is SwiGLU's chain rule written out, per expert block:
         dW_d = dYᵀ H ; dH = dY W_d ; dw = Σ_f dH ⊙ A ⊙ U ; dU = w ⊙ dH ⊙ A ; dG = w ⊙ dH ⊙ U ⊙ silu'(G)
-        dW_g = dGᵀ X ; dW_u = dUᵀ X ; dX = dG W_g + dU W_u      with silu'(g) = σ(g) (1 + g (1 - σ(g)))"""
+        dW_g = dGᵀ X ; dW_u = dUᵀ X ; dX = dG W_g + dU W_u      with silu'(g) = σ(g) (1 + g (1 - σ(g)))
+    Each expert's outputs and gradients are written straight into preallocated buffers (`out=` slices)."""
 
     @staticmethod
     def forward(ctx, x, weight, counts, w_gate, w_up, w_down):
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (E,) block ends
-        G = grouped_mm(x, w_gate.transpose(1, 2), counts, offs)  # (N, F)
-        U = grouped_mm(x, w_up.transpose(1, 2), counts, offs)  # (N, F)
-        H = F.silu(G) * U * weight[:, None]  # (N, F): the gate g_{t,i} scales the hidden state
-        y = grouped_mm(H, w_down.transpose(1, 2), counts, offs)  # (N, D)
+        y = x.new_empty(x.shape[0], w_down.shape[1])  # (N, D)
+        G = x.new_empty(x.shape[0], w_gate.shape[1])  # (N, F) pre-activations, kept for backward
+        U = torch.empty_like(G)  # (N, F)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            torch.mm(x[rows], w_gate[e].t(), out=G[rows])  # (n, F)
+            torch.mm(x[rows], w_up[e].t(), out=U[rows])  # (n, F)
+            H = F.silu(G[rows]) * U[rows] * weight[rows, None]  # (n, F)
+            torch.mm(H, w_down[e].t(), out=y[rows])  # (n, D)
+            start += n
         ctx.counts = counts
-        ctx.save_for_backward(x, weight, w_gate, w_up, w_down, G, U, offs)
+        ctx.save_for_backward(x, weight, w_gate, w_up, w_down, G, U)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, w_gate, w_up, w_down, G, U, offs = ctx.saved_tensors
-        counts, dy, w = ctx.counts, dy.contiguous(), weight[:, None]  # w (N, 1)
-        A = F.silu(G)  # (N, F)
-        AU = A * U  # (N, F)
-        dw_down = grouped_mm(dy.t(), AU * w, counts, offs)  # (E, D, F)   dW_d = dYᵀ H
-        dH = grouped_mm(dy, w_down, counts, offs)  # (N, F)                dH = dY W_d
-        dweight = (dH * AU).sum(-1)  # (N,)                                dw = Σ_f dH ⊙ A ⊙ U
-        dH = dH * w  # (N, F)
-        dU = dH * A  # (N, F)
-        dG = torch.ops.aten.silu_backward(dH * U, G)  # (N, F)             dG = (dH ⊙ U) ⊙ silu'(G), fused
-        dw_gate = grouped_mm(dG.t(), x, counts, offs)  # (E, F, D)
-        dw_up = grouped_mm(dU.t(), x, counts, offs)  # (E, F, D)
-        dx = grouped_mm(dG, w_gate, counts, offs) + grouped_mm(dU, w_up, counts, offs)  # (N, D)
+        x, weight, w_gate, w_up, w_down, G, U = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dweight = torch.empty_like(x), torch.empty_like(weight)
+        dw_gate, dw_up, dw_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:  # an expert that got no token gets a zero gradient
+                dw_gate[e].zero_(), dw_up[e].zero_(), dw_down[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            w = weight[rows, None]  # (n, 1)
+            A = F.silu(G[rows])  # (n, F)
+            AU = A * U[rows]  # (n, F)
+            torch.mm(dy[rows].t(), AU * w, out=dw_down[e])  # (D, F)  dW_d = dYᵀ H
+            dH = dy[rows] @ w_down[e]  # (n, F)
+            dweight[rows] = (dH * AU).sum(-1)  # (n,)
+            dH = dH * w  # (n, F)
+            dU = dH * A  # (n, F)
+            dG = torch.ops.aten.silu_backward(dH * U[rows], G[rows])  # (n, F): dA ⊙ silu'(G), one fused op
+            torch.mm(dG.t(), x[rows], out=dw_gate[e])  # (F, D)
+            torch.mm(dU.t(), x[rows], out=dw_up[e])  # (F, D)
+            torch.mm(dG, w_gate[e], out=dx[rows])  # (n, D)
+            dx[rows].addmm_(dU, w_up[e])  # dX = dG W_g + dU W_u
+            start += n
         return dx, dweight, None, dw_gate, dw_up, dw_down
 
 
@@ -651,14 +640,15 @@ def bench(args, console: Console) -> None:
                 continue
             variants[f"transformers DeepseekV3MoE ({impl})"] = hf
     x0 = torch.randn(1, T, D)
+    load_before = os.getloadavg()[0]  # other processes on this machine skew timings
 
-    def step(module):
+    def step(module):  # -> (wall seconds, CPU seconds of this process)
         x = x0.clone().requires_grad_()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = module(x)
         out = out[0] if isinstance(out, tuple) else out
         out.square().mean().backward()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     times = {name: [] for name in variants}
     with Progress(console=console, transient=True) as progress:
@@ -669,15 +659,21 @@ def bench(args, console: Console) -> None:
                 if rep > 0:
                     times[name].append(dt)
                 progress.advance(task)
-    base = statistics.median(times["dense SwiGLU (width (K+1)·F)"])
+    dense_name = "dense SwiGLU (width (K+1)·F)"
+    base_wall = statistics.median(t for t, _ in times[dense_name])
+    base_cpu = statistics.median(c for _, c in times[dense_name])
     table = Table(title=f"forward+backward, {T} tokens, D={D}, {E} experts top-{K} of width {Fd} + 1 shared; "
-                        f"median of {args.bench_reps}, {torch.get_num_threads()} threads")
-    for col in ("variant", "median ms", "min ms", "ratio to dense"):
+                        f"median of {args.bench_reps}, {torch.get_num_threads()} threads, load average before "
+                        f"{load_before:.1f}, after {os.getloadavg()[0]:.1f}")
+    for col in ("variant", "wall ms (median)", "wall ms (min)", "wall / dense", "CPU ms (median)", "CPU / dense"):
         table.add_column(col, justify="right")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        table.add_row(name, f"{med * 1e3:.1f}", f"{min(ts) * 1e3:.1f}", f"{med / base:.2f}x")
+        wall, cpu = statistics.median(t for t, _ in ts), statistics.median(c for _, c in ts)
+        table.add_row(name, f"{wall * 1e3:.1f}", f"{min(t for t, _ in ts) * 1e3:.1f}", f"{wall / base_wall:.2f}x",
+                      f"{cpu * 1e3:.1f}", f"{cpu / base_cpu:.2f}x")
     console.print(table)
+    console.print("CPU ms = process CPU time: less sensitive than wall time to other processes on a shared machine "
+                  "(with 1 thread it is the compute itself; with more it also counts threads spinning at barriers).")
 
 
 # ---- the real sizes, on the meta device ----
