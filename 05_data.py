@@ -627,16 +627,18 @@ def _children(pid: int) -> list[int]:
 
 
 def _kill_tree(pid: int) -> None:
-    """SIGKILL the namespace init (the kernel then kills every process in its PID namespace) and the group."""
-    for kid in _children(pid):
-        try:
-            os.kill(kid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL the process group, then the namespace init (the kernel then kills every process in its PID
+    namespace). Children are looked up first: once `pid` dies they are re-parented and harder to find."""
+    kids = _children(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for kid in kids:
+        try:
+            os.kill(kid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, files: dict | None = None,

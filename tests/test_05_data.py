@@ -422,6 +422,7 @@ def test_sandbox_degraded_mode_still_enforces_timeout(marker):
 
 # ---- the experiment's training loop (smoke) ----
 
+@pytest.mark.slow
 def test_experiment_training_loop_smoke():
     try:
         mla = load("02_mla")
