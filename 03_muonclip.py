@@ -367,8 +367,10 @@ def toy_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int, n_sym
     """
     if not 2 <= n_symbols <= vocab_size:
         raise ValueError(f"n_symbols must be in [2, vocab_size={vocab_size}], got {n_symbols}")
+    if not 1 <= successors <= n_symbols:
+        raise ValueError(f"successors must be in [1, n_symbols={n_symbols}], got {successors}")
     g = torch.Generator().manual_seed(seed)
-    n = min(n_symbols, vocab_size)
+    n = n_symbols
     nxt = torch.stack([torch.randperm(n, generator=g)[:successors] for _ in range(n)])  # (n, successors)
     probs = 1.0 / torch.arange(1, successors + 1).float()  # Zipf: 1, 1/2, 1/3, ...
     half = (seq_len + 2) // 2

@@ -151,7 +151,7 @@ def test_every_parameter_in_one_group_and_gets_a_gradient():
     opt = mc.MuonClip(model, lr=1e-3)
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    idx = torch.randint(0, model.cfg.vocab_size if hasattr(model, "cfg") else 512, (2, 16))
+    idx = torch.randint(0, 512, (2, 16))
     model(idx, idx).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
@@ -331,3 +331,21 @@ def test_state_dict_round_trip_resumes_bit_identically(tmp_path):
     train(model, opt, batches[2:])
     for (n, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+# ---- demo helpers ----
+
+def test_toy_language_is_seeded_and_quotes_itself():
+    idx, targets = next(mc.toy_batches(512, batch_size=3, seq_len=20, seed=5))
+    idx2, _ = next(mc.toy_batches(512, batch_size=3, seq_len=20, seed=5))
+    assert idx.shape == targets.shape == (3, 20) and torch.equal(idx, idx2)
+    assert torch.equal(idx[:, 1:], targets[:, :-1])  # targets are the next tokens
+    seq = torch.cat([idx, targets[:, -1:]], dim=1)  # (3, 21): an 11-token sentence, then its first 10 again
+    assert torch.equal(seq[:, 11:], seq[:, :10])
+    with pytest.raises(ValueError, match="n_symbols"):
+        next(mc.toy_batches(16, 2, 8, seed=0, n_symbols=32))
+
+
+def test_tokens_to_reach_interpolates():
+    assert mc.tokens_to_reach([4.0, 3.0, 2.0, 1.0], 2.5, tokens_per_step=10) == pytest.approx(15.0)
+    assert mc.tokens_to_reach([4.0, 3.0], 1.0, tokens_per_step=10) == math.inf
