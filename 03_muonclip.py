@@ -296,8 +296,8 @@ class MuonClip(torch.optim.Optimizer):
     """Muon for hidden matrices + AdamW for the rest + QK-Clip after every step (K2 Algorithm 1).
 
     One optimizer with two kinds of param groups (group["use_muon"]), so schedulers and state_dict work
-    as for any torch optimizer. `lr` is Muon's lr (already on AdamW's scale thanks to RMS matching);
-    `adamw_lr` is the lr of embeddings, head and norms. Constructing it turns on S_max recording in
+    as for any torch optimizer. `lr` is Muon's lr (on AdamW's scale thanks to RMS matching, in Moonlight's
+    regime; in the tiny demo the best Muon lr is ~10x AdamW's); `adamw_lr` is the lr of embeddings, head, norms. Constructing it turns on S_max recording in
     every MLA layer; `step()` returns the loss of the closure, if any, and leaves the QK-Clip stats in
     `self.clip_stats`.
     """
