@@ -16,7 +16,7 @@ The router, as in DeepSeek-V3 (which K2 inherits; K2 config: scoring_func=sigmoi
     TopK_t  = top-k over i of (s_{t,i} + b_i)        the bias b is used for *selection only*
     g_{t,i} = s_{t,i} / Σ_{j∈TopK_t} s_{t,j} · routed_scaling_factor      (K2: 2.827)
     y_t     = SharedFFN(u_t) + Σ_{i∈TopK_t} g_{t,i} · FFN_i(u_t)
-The bias b is the auxiliary-loss-free load balancer: after each optimizer step, b_i += u · sign(mean_load - load_i)
+The bias b is the auxiliary-loss-free load balancer: after each optimizer step, b_i += γ · sign(mean_load - load_i)
 (an overloaded expert becomes less attractive, an idle one more), with no gradient and no loss term distorting
 the language-model objective. A tiny sequence-wise balance loss (K2: alpha = 0.001) is available as a backstop.
 
@@ -29,14 +29,15 @@ Design choices
   `fast_dispatch`, which sorts the T·K token-slots by expert once (argsort), runs each expert on a contiguous
   block of rows, and adds the weighted results back with one `index_add_`. The per-expert SwiGLU is a small
   autograd.Function (`grouped_swiglu`) whose backward is SwiGLU's chain rule written out, a loop over the
-  non-empty experts that writes outputs and gradients straight into preallocated buffers. Why, as profiled
-  (`--bench` sizes, CPU time, 1 thread, dense SwiGLU = 1.00x): autograd through the same loop spends more time on
-  bookkeeping than on matmuls (`w_gate[e]` costs an (E, F, D) zero-fill per expert in backward, plus (T·K, D)
-  concatenations and stacks); 2.4x-3.3x. `torch._grouped_mm` runs forward on CPU fp32 in torch 2.13 but its own
-  backward fails ("Invalid strides/sizes"); driving it from our hand-written backward works (9 calls) but
-  measured 1.63x against 1.40x for the loop, because its elementwise SwiGLU math then runs on whole (T·K, F)
-  tensors in memory instead of one cache-sized expert block at a time. Padded batched `bmm`: 3.2x (it computes
-  and moves the padding). Each ratio came from interleaved runs on the shared 2-core machine.
+  non-empty experts that writes outputs and gradients straight into preallocated buffers. Why, as profiled at
+  the `--bench` sizes (time relative to the dense SwiGLU of equal activated FLOPs, interleaved runs on the
+  shared 2-core machine): autograd through the same loop took 2.4x-3.3x (wall, 2 threads): it spends more
+  time on bookkeeping than on matmuls (`w_gate[e]` costs an (E, F, D) zero-fill per expert in backward, plus
+  (T·K, D) concatenations and stacks). Padded batched `bmm` took 3.2x (it computes and moves the padding).
+  `torch._grouped_mm` runs forward on CPU fp32 in torch 2.13 but its own backward fails ("Invalid
+  strides/sizes"); driving it from our hand-written backward works (9 calls) but measured 1.63x against 1.40x
+  for this loop (CPU time, 1 thread), because the elementwise SwiGLU math then runs on whole (T·K, F) tensors
+  in memory instead of one cache-sized expert block at a time.
 - The gating weight multiplies the expert's hidden activation h (width F) instead of its output (width D);
   by linearity of w_down, g · W_down h = W_down (g · h), and the product touches 4x fewer numbers at K2 sizes.
 - The router computes in fp32 and returns its affinities `scores` so callers can log or regularise them.
@@ -47,7 +48,7 @@ Design choices
 Simplified vs K2
 - Real sizes differ (K2: D = 7168, F = 2048, 384 experts); `--preset kimi-k2` builds the real layer on the meta
   device and prints its parameter counts.
-- No expert parallelism or token dropping here (chapter 4 shards experts); K2 drops no tokens either.
+- No expert parallelism or token dropping here (chapter 4 shards experts); DeepSeek-V3 drops none either.
 - The demos train a minimal language model local to this file (embedding, a causal token-shift, one MoE, a
   head); the real decoder with MLA attention is chapter 2.
 - The sparsity sweep is a miniature of Figure 5. It keeps: a fixed number of activated experts (2 routed + 1
@@ -59,7 +60,7 @@ Simplified vs K2
   model scale (D = 16, F = 16), several model sizes per sparsity and a fitted scaling law, and K2's 8-of-384.
 
 References
-- Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.3 (sparsity scaling law, Figure 5), Table 2.
+- Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.3 (sparsity scaling law, Figure 5).
 - DeepSeek-V3 Technical Report, arXiv:2412.19437, §2.1.2 (sigmoid router, auxiliary-loss-free balancing,
   sequence-wise balance loss, group-limited routing), eqs. 12-20.
 - Wang et al., Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts, arXiv:2408.15664 (MaxVio).
@@ -212,7 +213,7 @@ class Router(nn.Module):
 
 @torch.no_grad()
 def update_router_bias_(router_or_moe: nn.Module, load: torch.Tensor, speed: float) -> None:
-    """b_i += u · sign(mean(load) - load_i)  (DeepSeek-V3 §2.1.2). `load` (E,) is tokens per expert summed over
+    """b_i += γ · sign(mean(load) - load_i)  (DeepSeek-V3 §2.1.2). `load` (E,) is tokens per expert summed over
     the batch (and over data-parallel ranks, by the caller). Touches only the buffer, never a gradient."""
     router = router_or_moe.router if isinstance(router_or_moe, MoE) else router_or_moe
     if not isinstance(router, Router):
@@ -494,7 +495,7 @@ def train_balance(args, bias_speed: float, progress: Progress, task) -> list[dic
 def demo_balance(args, console: Console) -> None:
     runs = {}
     with Progress(console=console, transient=True) as progress:
-        for label, speed in (("no bias update", 0.0), (f"bias update u={args.bias_update_speed}",
+        for label, speed in (("no bias update", 0.0), (f"bias update γ={args.bias_update_speed}",
                                                         args.bias_update_speed)):
             task = progress.add_task(label, total=args.steps)
             runs[label] = train_balance(args, speed, progress, task)
@@ -722,7 +723,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (load balance demo)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (load balance demo)")
     p.add_argument("--bias-update-speed", type=float, default=0.01,
-                   help="u in b_i += u·sign(mean-load_i) (DeepSeek-V3: 0.001 over far more steps)")
+                   help="γ in b_i += γ·sign(mean - load_i) (DeepSeek-V3: 0.001 over far more steps)")
     # demo 2
     p.add_argument("--sparsities", default="1,2,4,8,16,32", help="comma-separated total/activated ratios to sweep")
     p.add_argument("--seeds", type=int, default=2, help="seeds averaged per sparsity")
