@@ -1345,7 +1345,7 @@ REPORT_TABLE1 = {"raw": 23.76, "one_rephrasing": 27.39, "n_rephrasings": 28.94} 
 def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats: dict,
                       error_rate: float = 0.1, chunk_chars: int = 120) -> str:
     """One accepted rephrasing of `doc` in a random style (retrying with fresh draws when rejected)."""
-    while True:
+    for _ in range(50):
         rw = TemplateParaphraser(world, seed=rng.randrange(2**31), error_rate=error_rate)
         res = rephrase_chunkwise(doc, rw, style=rng.choice(sorted(STYLES)), chunk_chars=chunk_chars,
                                  check=world.fidelity)
@@ -1356,6 +1356,7 @@ def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats
         if res.text is not None:
             return res.text
         stats["documents dropped"] = stats.get("documents dropped", 0) + 1
+    raise RuntimeError(f"no rephrasing of {doc[:40]!r}... passed the fidelity check in 50 tries")
 
 
 def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0, repeat: int = 1, qa_fraction: float = 0.5):
