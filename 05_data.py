@@ -615,7 +615,7 @@ def _others_can_run(path: str) -> bool:
 
 def _children(pid: int) -> list[int]:
     kids = []
-    for d in os.listdir("/proc"):
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/stat") as f:
@@ -682,7 +682,7 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
     python = os.path.realpath(sys.executable)
     if root and not use_ns and not _others_can_run(python):
         root, why = False, why + f"; {python} is not reachable by uid {uid}, so no uid switch (runs as root!)"
-    workdir = tempfile.mkdtemp(prefix="sandbox-")
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="sandbox-"))
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {}), "HOME": workdir, "TMPDIR": workdir}
     rlimits = {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": file_mb << 20,
                "RLIMIT_NOFILE": max_files, "RLIMIT_CORE": 0}
