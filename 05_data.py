@@ -36,6 +36,8 @@ Simplified vs K2
 - Scale: K2 synthesised 3000+ real MCP tools and 20,000+ synthetic tools; here 15 tools in 8 domains.
 - Judge: K2 uses an LLM judge against rubrics; ours checks rubrics programmatically.
 - Sandbox: K2 runs Kubernetes-scale containers; ours is one process tree on one machine.
+- Experiment: a 1.7M-parameter model on ~240k byte tokens, repeated (--repeat) so it can memorise at all;
+  at this size it does not extract knowledge for held-out people in any arm (README has the numbers).
 
 References
 - Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.2 (rephrasing, Table 1), §3.1.1 (agentic data).
