@@ -36,8 +36,13 @@ Simplified vs K2
 - Scale: K2 synthesised 3000+ real MCP tools and 20,000+ synthetic tools; here 15 tools in 8 domains.
 - Judge: K2 uses an LLM judge against rubrics; ours checks rubrics programmatically.
 - Sandbox: K2 runs Kubernetes-scale containers; ours is one process tree on one machine.
-- Experiment: a 1.7M-parameter model on ~240k byte tokens, repeated (--repeat) so it can memorise at all;
-  at this size it does not extract knowledge for held-out people in any arm (README has the numbers).
+- Experiment (Table 1 in miniature): keeps the three curricula at equal training tokens, the fidelity-checked
+  chunk-wise rewrites, and a closed-book QA test on people whose QA never appears in training. Drops: real
+  text and SimpleQA (160 synthetic people x 2 attributes, 8 values each; chance 12.5%), model size (chapter
+  2's tiny K2 with 8 experts top-2, ~1M parameters), and N's meaning (each curriculum is repeated --repeat
+  times, so a fact is seen N x repeat = 40 times: a tiny model needs dozens of exposures to memorise at all).
+  Following Physics of LM 3.1, every sentence names its person and the training people's QA is mixed into
+  pretraining, the same for every arm. Deterministic for a fixed --seeds and --threads.
 
 References
 - Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.2 (rephrasing, Table 1), §3.1.1 (agentic data).
@@ -54,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import functools
 import importlib
 import json
@@ -253,20 +257,25 @@ class Entity:
 class KnowledgeWorld:
     """Fictional people with attributes. Documents state facts; `extract_facts` reads them back exactly."""
 
-    def __init__(self, n_entities: int = 64, seed: int = 0):
+    def __init__(self, n_entities: int = 64, seed: int = 0, n_attributes: int = len(ATTRIBUTES)):
         if not 1 <= n_entities <= len(FIRST) * len(LAST):
             raise ValueError(f"n_entities: {n_entities} not in [1, {len(FIRST) * len(LAST)}]")
+        if not 1 <= n_attributes <= len(ATTRIBUTES):
+            raise ValueError(f"n_attributes: {n_attributes} not in [1, {len(ATTRIBUTES)}]")
         rng = random.Random(seed)
+        self.attributes = dict(list(ATTRIBUTES.items())[:n_attributes])  # attribute -> its 8 values
         names = rng.sample([f"{a} {b}" for a in FIRST for b in LAST], n_entities)
-        self.entities = [Entity(n, {a: rng.choice(vs) for a, vs in ATTRIBUTES.items()}) for n in names]
+        self.entities = [Entity(n, {a: rng.choice(vs) for a, vs in self.attributes.items()}) for n in names]
         self.by_name = {e.name: e for e in self.entities}
         self.value_attr = {v: a for a, vs in ATTRIBUTES.items() for v in vs}
         self._name_re = re.compile("|".join(re.escape(n) for n in sorted(self.by_name, key=len, reverse=True)))
         self._value_re = re.compile(r"\b(" + "|".join(map(re.escape, self.value_attr)) + r")\b")
 
-    def raw_document(self, e: Entity) -> str:
-        """One fixed biography per entity: the name once, then back-references, like most real text."""
-        return " ".join(_articles(RAW_TEMPLATES[a].format(S=e.name if i == 0 else STYLES["encyclopedic"].ref, v=v))
+    def raw_document(self, e: Entity, full_names: bool = False) -> str:
+        """One fixed biography per entity: the name once, then back-references, like most real text
+        (full_names: the name in every sentence, Physics of LM 3.1's "fullname" form)."""
+        ref = STYLES["encyclopedic"].ref
+        return " ".join(_articles(RAW_TEMPLATES[a].format(S=e.name if i == 0 or full_names else ref, v=v))
                         for i, (a, v) in enumerate(e.facts.items()))
 
     def almanac(self, entities=None) -> str:
@@ -408,8 +417,9 @@ class TemplateParaphraser:
     so the fidelity check has something to catch.
     """
 
-    def __init__(self, world: KnowledgeWorld, seed: int = 0, error_rate: float = 0.0):
+    def __init__(self, world: KnowledgeWorld, seed: int = 0, error_rate: float = 0.0, back_ref_prob: float = 0.7):
         self.world, self.rng, self.error_rate = world, random.Random(seed), error_rate
+        self.back_ref_prob = back_ref_prob  # 0: repeat the full name (styles with an intro still refer back)
 
     def __call__(self, chunk: str, *, context: str = "", style: str = "encyclopedic") -> str:
         st, rng, w = STYLES[style], self.rng, self.world
@@ -424,7 +434,7 @@ class TemplateParaphraser:
         out = []
         for e, av in groups.items():
             rng.shuffle(av)
-            back_ref = e == last and rng.random() < 0.7
+            back_ref = e == last and rng.random() < self.back_ref_prob
             if st.intro and not back_ref:
                 out.append(st.intro.format(name=e))
                 back_ref = True
@@ -433,7 +443,7 @@ class TemplateParaphraser:
                 t = rng.choice(st.templates[a])
                 sent = t.format(S=subj, s=subj if subj == "I" else (e if not back_ref else subj.lower()), v=v)
                 out.append(_articles(sent[0].upper() + sent[1:]))
-                back_ref = True
+                back_ref = self.back_ref_prob > 0
             last = e
         return " ".join(out)
 
@@ -1345,10 +1355,10 @@ REPORT_TABLE1 = {"raw": 23.76, "one_rephrasing": 27.39, "n_rephrasings": 28.94} 
 
 
 def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats: dict,
-                      error_rate: float = 0.1, chunk_chars: int = 120) -> str:
+                      error_rate: float = 0.1, chunk_chars: int = 120, back_ref_prob: float = 0.7) -> str:
     """One accepted rephrasing of `doc` in a random style (retrying with fresh draws when rejected)."""
     for _ in range(50):
-        rw = TemplateParaphraser(world, seed=rng.randrange(2**31), error_rate=error_rate)
+        rw = TemplateParaphraser(world, seed=rng.randrange(2**31), error_rate=error_rate, back_ref_prob=back_ref_prob)
         res = rephrase_chunkwise(doc, rw, style=rng.choice(sorted(STYLES)), chunk_chars=chunk_chars,
                                  check=world.fidelity)
         stats["chunks"] = stats.get("chunks", 0) + len(res.rewrites)
@@ -1361,13 +1371,16 @@ def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats
     raise RuntimeError(f"no rephrasing of {doc[:40]!r}... passed the fidelity check in 50 tries")
 
 
-def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0, repeat: int = 1, qa_fraction: float = 0.5):
+def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0, repeat: int = 1, qa_fraction: float = 0.5,
+                          full_names: bool = False):
     """Three training curricula over the same world. Each is a list of epochs, each epoch a list of documents:
     raw x n*repeat epochs, one rephrasing x n*repeat epochs, n rephrasings x repeat epochs each.
     (repeat > 1 buys a tiny model the exposures it needs to memorise anything; the report's N is n.)
 
     QA lines are taught on a qa_fraction of the entities ("format" entities) in every arm; the rest is held out:
-    their knowledge is only in the biographies, so answering needs extraction, not QA recall.
+    their knowledge is only in the biographies, so answering needs extraction, not QA recall. The QA lines are
+    mixed into pretraining (Physics of LM 3.1's "mixed training"). full_names: every sentence of the raw
+    biography and of its rewrites names the person (the same for every arm).
     """
     rng = random.Random(seed)
     ents = list(world.entities)
@@ -1376,10 +1389,11 @@ def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0, repeat: 
         raise ValueError(f"qa_fraction: must be in (0, 1), got {qa_fraction}")
     k = round(len(ents) * qa_fraction)
     fmt, held_out = ents[:k], ents[k:]
-    qa_docs = ["".join(world.qa(e, a)) for e in fmt for a in ATTRIBUTES]
+    qa_docs = ["".join(world.qa(e, a)) for e in fmt for a in world.attributes]
     stats: dict = {}
-    raw = [world.raw_document(e) for e in world.entities]
-    rephrasings = [[rephrase_document(world, d, rng, stats) for d in raw] for _ in range(n)]
+    raw = [world.raw_document(e, full_names) for e in world.entities]
+    p_ref = 0.0 if full_names else 0.7
+    rephrasings = [[rephrase_document(world, d, rng, stats, back_ref_prob=p_ref) for d in raw] for _ in range(n)]
     arms = {"raw": [raw] * (n * repeat), "one_rephrasing": [rephrasings[0]] * (n * repeat),
             "n_rephrasings": rephrasings * repeat}
     arms = {k: [bios + qa_docs for bios in epochs] for k, epochs in arms.items()}
@@ -1403,7 +1417,7 @@ def qa_accuracy(model, world: KnowledgeWorld, entities, tok: Tokenizer, batch_si
     model.eval()
     items = []  # (prompt length, sequence, is this candidate the true value)
     for e in entities:
-        for attr, values in ATTRIBUTES.items():
+        for attr, values in world.attributes.items():
             prompt = [tok.bos_id] + tok.encode(world.qa(e, attr)[0])
             items += [(len(prompt), prompt + tok.encode(" " + v) + [tok.eos_id], v == e.facts[attr]) for v in values]
     scores = []
@@ -1415,7 +1429,7 @@ def qa_accuracy(model, world: KnowledgeWorld, entities, tok: Tokenizer, batch_si
         for j, (p, s, _) in enumerate(batch):  # sum of log p(answer tokens | prompt)
             scores.append(logp[j, torch.arange(p - 1, len(s) - 1), torch.tensor(s[p:])].sum().item())
     model.train()
-    n_vals = len(next(iter(ATTRIBUTES.values())))
+    n_vals = len(next(iter(world.attributes.values())))
     correct = 0
     for q in range(0, len(items), n_vals):
         best = max(range(q, q + n_vals), key=scores.__getitem__)
@@ -1454,18 +1468,25 @@ def train_arm(stream: list[int], steps: int, cfg, seq_len: int, batch_size: int,
     return model, sum(losses[-10:]) / len(losses[-10:])
 
 
-def rephrase_experiment(n_entities: int = 48, n: int = 10, repeat: int = 2, qa_fraction: float = 0.5,
+def rephrase_experiment(n_entities: int = 160, n: int = 10, repeat: int = 4, qa_fraction: float = 0.5,
                         seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, seeds=(0,),
-                        console=None) -> list[dict]:
-    """K2 Table 1 in miniature: equal training tokens; raw x N epochs vs one rephrasing x N vs N rephrasings x 1."""
+                        console=None, n_attributes: int = 2, full_names: bool = True, n_routed_experts: int = 8,
+                        num_experts_per_tok: int = 2, threads: int = 1) -> list[dict]:
+    """K2 Table 1 in miniature: equal training tokens; raw x N epochs vs one rephrasing x N vs N rephrasings x 1.
+
+    Deterministic for a fixed seed and thread count: every generator is seeded, and torch runs on exactly
+    `threads` intra-op threads (a CPU matmul's reduction order, hence its last bits, depends on the count).
+    """
     from rich.progress import Progress
     mla = importlib.import_module("02_mla")  # lazily: chapter 5 stays standalone otherwise
+    torch.set_num_threads(threads)
     tok = Tokenizer()
-    cfg = dataclasses.replace(mla.ModelConfig.tiny(), vocab_size=tok.vocab_size)
+    cfg = mla.ModelConfig.tiny(vocab_size=tok.vocab_size, n_routed_experts=n_routed_experts,
+                               num_experts_per_tok=num_experts_per_tok)
     rows = []
     for seed in seeds:
-        world = KnowledgeWorld(n_entities, seed=seed)
-        arms, fmt, held_out, stats = build_experiment_arms(world, n, seed, repeat, qa_fraction)
+        world = KnowledgeWorld(n_entities, seed=seed, n_attributes=n_attributes)
+        arms, fmt, held_out, stats = build_experiment_arms(world, n, seed, repeat, qa_fraction, full_names)
         streams = {k: token_stream(v, tok, seed) for k, v in arms.items()}
         steps = (min(map(len, streams.values())) - 1) // (batch_size * seq_len)  # equal tokens for every arm
         with Progress(console=console, transient=True) as progress:
@@ -1473,7 +1494,8 @@ def rephrase_experiment(n_entities: int = 48, n: int = 10, repeat: int = 2, qa_f
                 task = progress.add_task(f"seed {seed}: {k}", total=steps)
                 model, loss = train_arm(stream, steps, cfg, seq_len, batch_size, lr, seed, progress, task)
                 rows.append({"seed": seed, "arm": k, "tokens": steps * batch_size * seq_len, "steps": steps,
-                             "held_out_questions": len(held_out) * len(ATTRIBUTES),
+                             "held_out_questions": len(held_out) * n_attributes, "params": sum(
+                                 p.numel() for p in model.parameters()),
                              "stream_tokens": len(stream), "final_loss": loss,
                              "acc_held_out": qa_accuracy(model, world, held_out, tok),
                              "acc_format": qa_accuracy(model, world, fmt, tok), "rephrase_stats": stats})
@@ -1541,9 +1563,15 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the kept trajectories to this JSONL file")
     p.add_argument("--sandbox-demo", action="store_true", help="also run hostile programs through the sandbox")
     p.add_argument("--rephrase-experiment", action="store_true", help="run K2 Table 1 in miniature (minutes)")
-    p.add_argument("--entities", type=int, default=48, help="experiment: entities in the knowledge world")
+    p.add_argument("--entities", type=int, default=160, help="experiment: people in the knowledge world")
+    p.add_argument("--attributes", type=int, default=2, help="experiment: attributes per person (1-4)")
+    p.add_argument("--no-full-names", action="store_true",
+                   help="experiment: biographies name a person once, then 'This person' (default: every sentence)")
     p.add_argument("--n", type=int, default=10, help="experiment: N (epochs of raw / number of rephrasings)")
-    p.add_argument("--repeat", type=int, default=2, help="experiment: repeat each curriculum (exposures = N*repeat)")
+    p.add_argument("--repeat", type=int, default=4, help="experiment: repeat each curriculum (exposures = N*repeat)")
+    p.add_argument("--experts", type=int, default=8, help="experiment: routed experts of the tiny K2 model")
+    p.add_argument("--top-k", type=int, default=2, help="experiment: experts per token")
+    p.add_argument("--threads", type=int, default=1, help="experiment: torch intra-op threads (results depend on it)")
     p.add_argument("--qa-fraction", type=float, default=0.5, help="experiment: share of entities with QA lines")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="experiment: seeds (one run per seed)")
     p.add_argument("--batch-size", type=int, default=16, help="experiment: sequences per step")
@@ -1556,7 +1584,8 @@ def main(argv=None):
     if args.rephrase_experiment:
         t0 = time.time()
         rows = rephrase_experiment(args.entities, args.n, args.repeat, args.qa_fraction, args.seq_len,
-                                   args.batch_size, args.lr, tuple(args.seeds), console)
+                                   args.batch_size, args.lr, tuple(args.seeds), console, args.attributes,
+                                   not args.no_full_names, args.experts, args.top_k, args.threads)
         _print_experiment(console, rows, args)
         console.print(f"done in {time.time() - t0:.0f} s")
         return
@@ -1619,8 +1648,10 @@ def _print_experiment(console, rows: list[dict], args) -> None:
     names = {"raw": "raw text x N epochs", "one_rephrasing": "1 rephrasing x N epochs",
              "n_rephrasings": "N rephrasings x 1 epoch"}
     r0 = rows[0]
-    t = Table(title=f"Rephrasing experiment: {args.entities} entities ({r0['held_out_questions']} held-out questions), "
-                    f"N={args.n}, repeat={args.repeat}, seeds {args.seeds}; chance = {100 / 8:.1f}%")
+    t = Table(title=f"Rephrasing experiment: {args.entities} people x {args.attributes} attributes "
+                    f"({r0['held_out_questions']} held-out questions), N={args.n}, repeat={args.repeat}, "
+                    f"{r0['params'] / 1e6:.2f}M params, {args.threads} thread(s), seeds {args.seeds}; "
+                    f"chance = {100 / 8:.1f}%")
     for col in ("curriculum", "train tokens", "final loss", "QA acc, held-out entities %",
                 "QA acc, format entities %", "K2 Table 1 (SimpleQA)"):
         t.add_column(col)

@@ -437,3 +437,33 @@ def test_experiment_training_loop_smoke():
     cfg = dataclasses.replace(mla.ModelConfig.tiny(), vocab_size=tok.vocab_size)
     model, loss = d.train_arm(stream, steps=2, cfg=cfg, seq_len=32, batch_size=2, lr=1e-3, seed=0)
     assert loss > 0 and 0.0 <= d.qa_accuracy(model, world, held_out[:1], tok) <= 1.0
+
+
+def test_full_names_and_attribute_subset():
+    world = d.KnowledgeWorld(12, seed=0, n_attributes=2)
+    assert all(list(e.facts) == ["hometown", "occupation"] for e in world.entities)
+    e = world.entities[0]
+    assert world.raw_document(e, full_names=True).count(e.name) == 2
+    arms, fmt, held_out, _ = d.build_experiment_arms(world, n=3, seed=0, full_names=True)
+    for doc in arms["n_rephrasings"][1][: len(world.entities)]:
+        assert "This person" not in doc and "Same person" not in doc
+    with pytest.raises(ValueError, match="n_attributes"):
+        d.KnowledgeWorld(4, n_attributes=5)
+
+
+@pytest.mark.slow
+def test_rephrase_experiment_runs_and_is_deterministic():
+    try:
+        load("02_mla")
+    except Exception as e:
+        pytest.skip(f"02_mla not importable: {e}")
+    threads = torch.get_num_threads()
+    kw = dict(n_entities=8, n=2, repeat=1, seq_len=32, batch_size=4, seeds=(0,), threads=1)
+    try:
+        a, b = d.rephrase_experiment(**kw), d.rephrase_experiment(**kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["arm"] for r in a] == ["raw", "one_rephrasing", "n_rephrasings"]
+    assert len({r["tokens"] for r in a}) == 1 and a[0]["steps"] > 0  # equal training tokens per arm
+    assert [(r["final_loss"], r["acc_held_out"], r["acc_format"]) for r in a] == \
+        [(r["final_loss"], r["acc_held_out"], r["acc_format"]) for r in b]  # bit-identical for a fixed seed
