@@ -35,7 +35,8 @@ Simplified vs K2
 - K2's MuonClip clips heads per layer with tau = 100 over 15.5T tokens; the demo uses a tiny model, a
   synthetic language and a small tau to make the explosion and the clip visible in minutes on a CPU.
 - With gradient accumulation K2 takes S_max over the whole batch; here it is the last micro-batch's.
-- The Muon-vs-AdamW comparison is a 300-step toy run, not Moonlight's compute-optimal scaling study.
+- The Muon-vs-AdamW comparison is a 100-step x 2048-token toy run with 4-point lr sweeps, not Moonlight's
+  compute-optimal scaling study.
 
 References
 - K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024 (blog + code).
@@ -46,7 +47,7 @@ References
 Run:
   python 03_muonclip.py --help
   python 03_muonclip.py                  # both demos at CPU sizes (a few minutes on 2 cores)
-  python 03_muonclip.py --demo muon_vs_adamw --steps 400
+  python 03_muonclip.py --demo muon_vs_adamw --steps 300 --sweep-batch-size 8   # small batches, more steps
   python 03_muonclip.py --demo qk_clip --tau 8
   python 03_muonclip.py --bench          # optimizer overhead vs forward-backward
 """
@@ -471,14 +472,14 @@ def tokens_to_reach(curve: list[float], target: float, tokens_per_step: int) -> 
 
 def demo_muon_vs_adamw(args, console: Console) -> dict:
     cfg = mla.ModelConfig.tiny()
-    tokens_per_step = args.batch_size * args.seq_len
+    tokens_per_step = args.sweep_batch_size * args.seq_len
     runs, final, best = {}, {}, {}
     # AdamW first; the Muon runs then keep AdamW at its best lr for the embedding, head and norms, so the
     # only difference between the two sides is the optimizer of the hidden matrices.
     with Progress(console=console, transient=True) as progress:
         for name, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
             for lr in lrs:
-                runs[(name, lr)] = train_run(cfg, name, lr, args.steps, args.batch_size, args.seq_len, args.seed,
+                runs[(name, lr)] = train_run(cfg, name, lr, args.steps, args.sweep_batch_size, args.seq_len, args.seed,
                                              adamw_lr=best.get("adamw", (None, None))[1], progress=progress,
                                              label=f"{name:5s} lr={lr:g}")
                 r = runs[(name, lr)]
@@ -491,6 +492,9 @@ def demo_muon_vs_adamw(args, console: Console) -> dict:
     for (name, lr), v in final.items():
         table.add_row(name, f"{lr:g}", f"{v:.4f}", "*" if best[name] == (name, lr) else "")
     console.print(table)
+    for name, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
+        if len(lrs) > 1 and best[name][1] in (min(lrs), max(lrs)):  # the optimum may lie outside the grid
+            console.print(f"[yellow]{name}: best lr {best[name][1]:g} is at the edge of the sweep; widen it[/]")
 
     adam, muon = (smooth(runs[best[n]]["loss"]) for n in ("adamw", "muon"))
     adam_tokens = args.steps * tokens_per_step
@@ -646,11 +650,14 @@ def main() -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--demo", choices=("all", "muon_vs_adamw", "qk_clip", "none"), default="all", help="which demo")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and data")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--batch-size", type=int, default=8, help="demo 2 and bench: sequences per step")
+    p.add_argument("--sweep-batch-size", type=int, default=32,
+                   help="demo 1: sequences per step (large batches are Muon's regime)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=300, help="demo 1: training steps per run")
-    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="demo 1: AdamW lr sweep")
-    p.add_argument("--muon-lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1],
+    p.add_argument("--steps", type=int, default=100, help="demo 1: training steps per run")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3],
+                   help="demo 1: AdamW lr sweep")
+    p.add_argument("--muon-lrs", type=float, nargs="+", default=[1e-2, 2e-2, 4e-2, 8e-2],
                    help="demo 1: Muon lr sweep (matrices; the rest keep AdamW's best lr)")
     p.add_argument("--clip-steps", type=int, default=600, help="demo 2: training steps per run")
     p.add_argument("--clip-lr", type=float, default=3e-2, help="demo 2: (high) lr for both runs")

@@ -349,3 +349,24 @@ def test_toy_language_is_seeded_and_quotes_itself():
 def test_tokens_to_reach_interpolates():
     assert mc.tokens_to_reach([4.0, 3.0, 2.0, 1.0], 2.5, tokens_per_step=10) == pytest.approx(15.0)
     assert mc.tokens_to_reach([4.0, 3.0], 1.0, tokens_per_step=10) == math.inf
+
+
+def test_demo_arms_share_adamw_settings_schedule_and_no_clip():
+    """Demo 1 is fair only if the arms differ in the hidden matrices' optimizer alone: the Muon arm's AdamW
+    groups use the AdamW arm's betas/eps/weight decay, every group follows the same lr schedule, and the
+    "muon" arm never clips (QK-Clip only in "muonclip")."""
+    model = mla.Transformer(tiny_cfg(num_hidden_layers=2))
+    adamw = mc.make_optimizer(model, "adamw", 3e-3, weight_decay=0.1)
+    muon = mc.make_optimizer(model, "muon", 3e-2, weight_decay=0.1, tau=1e-6, adamw_lr=3e-3)
+    ref = adamw.param_groups[0]
+    side = [g for g in muon.param_groups if not g["use_muon"]]
+    assert side and all(g["betas"] == ref["betas"] and g["eps"] == ref["eps"] and g["lr"] == ref["lr"]
+                        and g["weight_decay"] == ref["weight_decay"] for g in side)
+    assert not muon.qk_clip
+    r = {name: mc.train_run(tiny_cfg(num_hidden_layers=2), name, lr, 3, 2, 16, seed=0, tau=1e-6, adamw_lr=3e-3)
+         for name, lr in (("adamw", 3e-3), ("muon", 3e-2))}
+    assert r["muon"]["opt"].clip_stats["n_clipped"] > 0 and not r["muon"]["opt"].qk_clip  # measured, not applied
+    factor = mc.lr_factor(2, 3, warmup=1)  # the lr of the last step, relative to the base lr
+    assert math.isclose(r["adamw"]["opt"].param_groups[0]["lr"], 3e-3 * factor)
+    lrs = {g["use_muon"]: g["lr"] for g in r["muon"]["opt"].param_groups}
+    assert math.isclose(lrs[True], 3e-2 * factor) and math.isclose(lrs[False], 3e-3 * factor)
