@@ -38,9 +38,9 @@ Simplified vs K2
 - Sandbox: K2 runs Kubernetes-scale containers; ours is one process tree on one machine.
 - Experiment (Table 1 in miniature): keeps the three curricula at equal training tokens, the fidelity-checked
   chunk-wise rewrites, and a closed-book QA test on people whose QA never appears in training. Drops: real
-  text and SimpleQA (160 synthetic people x 2 attributes, 8 values each; chance 12.5%), model size (chapter
-  2's tiny K2 with 8 experts top-2, ~1M parameters), and N's meaning (each curriculum is repeated --repeat
-  times, so a fact is seen N x repeat = 40 times: a tiny model needs dozens of exposures to memorise at all).
+  text and SimpleQA (160 synthetic people x 1 attribute, their hometown, one of 8 cities; chance 12.5%),
+  model size (chapter 2's tiny K2 with 8 experts top-2, 0.83M parameters), and N's meaning (each curriculum
+  is repeated --repeat times, so a fact is seen N x repeat = 100 times: with 40 it is not even memorised).
   Following Physics of LM 3.1, every sentence names its person and the training people's QA is mixed into
   pretraining, the same for every arm. Deterministic for a fixed --seeds and --threads.
 
@@ -1468,9 +1468,9 @@ def train_arm(stream: list[int], steps: int, cfg, seq_len: int, batch_size: int,
     return model, sum(losses[-10:]) / len(losses[-10:])
 
 
-def rephrase_experiment(n_entities: int = 160, n: int = 10, repeat: int = 4, qa_fraction: float = 0.5,
+def rephrase_experiment(n_entities: int = 160, n: int = 10, repeat: int = 10, qa_fraction: float = 0.5,
                         seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, seeds=(0,),
-                        console=None, n_attributes: int = 2, full_names: bool = True, n_routed_experts: int = 8,
+                        console=None, n_attributes: int = 1, full_names: bool = True, n_routed_experts: int = 8,
                         num_experts_per_tok: int = 2, threads: int = 1) -> list[dict]:
     """K2 Table 1 in miniature: equal training tokens; raw x N epochs vs one rephrasing x N vs N rephrasings x 1.
 
@@ -1564,11 +1564,11 @@ def main(argv=None):
     p.add_argument("--sandbox-demo", action="store_true", help="also run hostile programs through the sandbox")
     p.add_argument("--rephrase-experiment", action="store_true", help="run K2 Table 1 in miniature (minutes)")
     p.add_argument("--entities", type=int, default=160, help="experiment: people in the knowledge world")
-    p.add_argument("--attributes", type=int, default=2, help="experiment: attributes per person (1-4)")
+    p.add_argument("--attributes", type=int, default=1, help="experiment: attributes per person (1-4)")
     p.add_argument("--no-full-names", action="store_true",
                    help="experiment: biographies name a person once, then 'This person' (default: every sentence)")
     p.add_argument("--n", type=int, default=10, help="experiment: N (epochs of raw / number of rephrasings)")
-    p.add_argument("--repeat", type=int, default=4, help="experiment: repeat each curriculum (exposures = N*repeat)")
+    p.add_argument("--repeat", type=int, default=10, help="experiment: repeat each curriculum (exposures = N*repeat)")
     p.add_argument("--experts", type=int, default=8, help="experiment: routed experts of the tiny K2 model")
     p.add_argument("--top-k", type=int, default=2, help="experiment: experts per token")
     p.add_argument("--threads", type=int, default=1, help="experiment: torch intra-op threads (results depend on it)")
