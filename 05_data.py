@@ -42,7 +42,8 @@ Simplified vs K2
   model size (chapter 2's tiny K2 with 8 experts top-2, 0.83M parameters), and N's meaning (each curriculum
   is repeated --repeat times, so a fact is seen N x repeat = 100 times: with 40 it is not even memorised).
   Following Physics of LM 3.1, every sentence names its person and the training people's QA is mixed into
-  pretraining, the same for every arm. Deterministic for a fixed --seeds and --threads.
+  pretraining, the same for every arm. Deterministic for a fixed --seeds and --threads. At this size the
+  report's ordering does not appear (over 3 seeds raw is best on held-out people; README has the numbers).
 
 References
 - Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.2 (rephrasing, Table 1), §3.1.1 (agentic data).
