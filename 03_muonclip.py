@@ -194,13 +194,17 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                muon_update_(p, p.grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
-                             nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                             ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"], scaling=group["scaling"])
+                _muon_step_param(p, self.state[p], group)
         return loss
+
+
+def _muon_step_param(p: torch.Tensor, state: dict, group: dict) -> None:
+    """One Muon update of one parameter with its group's hyperparameters (shared by Muon and MuonClip)."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(p)
+    muon_update_(p, p.grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
+                 nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+                 ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"], scaling=group["scaling"])
 
 
 # ---- Routing: which parameter goes to which optimizer ----
@@ -340,11 +344,7 @@ class MuonClip(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if group["use_muon"]:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    muon_update_(p, p.grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
-                                 nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                                 ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"], scaling=group["scaling"])
+                    _muon_step_param(p, state, group)
                 else:
                     if "step" not in state:
                         state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
