@@ -210,7 +210,7 @@ def test_schema_validation():
                                                                      "to_unit": "km"})
 
 
-def test_malformed_tool_calls_become_tool_errors():
+def test_malformed_tool_calls_come_back_as_tool_messages():
     rt = d.ToolRuntime(["calculator", "convert_units", "kv_get", "add_days"])
 
     def call(name, raw):
