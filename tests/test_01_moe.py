@@ -99,11 +99,13 @@ def test_bias_is_a_buffer_without_grad():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_shared_experts=0, n_routed_experts=16, num_experts_per_tok=4),
-                                dict(norm_topk_prob=False, n_group=2, topk_group=1, aux_loss_alpha=0.1)])
+                                dict(norm_topk_prob=False, n_group=2, topk_group=1, aux_loss_alpha=0.1),
+                                # odd widths and an expert count that is not a power of two
+                                dict(hidden_size=10, moe_intermediate_size=6, n_routed_experts=5)])
 def test_naive_equals_fast_outputs_and_gradients(kw):
     moe = small_moe(**kw)
     moe.router.e_score_correction_bias.uniform_(-0.2, 0.2)
-    x = torch.randn(3, 7, 16)
+    x = torch.randn(3, 7, moe.experts.w_gate.shape[-1])  # (B, S, D)
     results = {}
     for dispatch in ("naive", "fast"):
         moe.dispatch = dispatch
@@ -279,17 +281,3 @@ def test_dispatch_switch_is_validated():
         moe.dispatch = "sorted"
 
 
-def test_naive_equals_fast_with_unaligned_sizes():
-    """Odd widths and an expert count that is not a power of two: dispatch results must not change."""
-    moe = MoE(hidden_size=10, moe_intermediate_size=6, n_routed_experts=5, num_experts_per_tok=2)
-    x = torch.randn(2, 7, 10)
-    out = {}
-    for dispatch in ("naive", "fast"):
-        moe.dispatch = dispatch
-        moe.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        y, _ = moe(xi)
-        y.pow(2).sum().backward()
-        out[dispatch] = [y, xi.grad] + [p.grad for p in moe.parameters()]
-    for a, b in zip(out["naive"], out["fast"]):
-        torch.testing.assert_close(a, b)
