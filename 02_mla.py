@@ -187,7 +187,8 @@ class ModelConfig:
     # -- config.json interop (bodies at the end of the file, with the state-dict renames) --
     @classmethod
     def from_hf(cls, config: dict | str | os.PathLike) -> ModelConfig:
-        """Read a K2 / DeepSeek-V3 config.json (dict or path). Unsupported settings raise instead of being dropped."""
+        """Read a K2 / DeepSeek-V3 config.json (dict or path). An absent key means what it means to transformers'
+        DeepseekV3Config (HF_DEFAULTS); a setting this implementation would not honour raises, naming the key."""
         return config_from_hf(cls, config)
 
     def to_hf(self) -> dict:
@@ -647,11 +648,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "chinchill
 
 # ---- transformers interop (config.json and DeepseekV3ForCausalLM names) ----
 
-# config.json keys that do not change the architecture we build
+# What transformers' DeepseekV3Config (5.x) assumes for a key absent from config.json: a file must mean here what it
+# means there (a test compares these with DeepseekV3Config() when transformers is installed). Keys transformers
+# does not know (scoring_func, aux_loss_alpha, bias_update_speed) keep ModelConfig's defaults.
+HF_DEFAULTS = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                   num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+                   routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                   qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+                   norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                   rope_theta=10000.0, rope_scaling=None, num_nextn_predict_layers=1)
+
+# config.json keys that do not change the model we build, whatever their value
 HF_IGNORED_KEYS = {"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
-                   "quantization_config", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
-                   "use_cache", "pretraining_tp", "attention_dropout", "ep_size", "seq_aux", "output_router_logits",
-                   "_name_or_path", "qk_head_dim", "head_dim", "tokenizer_class"}
+                   "quantization_config", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "ep_size",
+                   "output_router_logits", "_name_or_path", "tokenizer_class", "pretraining_tp"}
 
 
 def config_from_hf(cls, config: dict | str | os.PathLike) -> ModelConfig:
@@ -660,15 +670,15 @@ def config_from_hf(cls, config: dict | str | os.PathLike) -> ModelConfig:
             config = json.load(f)
     d = dict(config)
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: d.pop(k) for k in list(d) if k in fields}
-    if kwargs.get("q_lora_rank") is None:
+    kwargs = {**HF_DEFAULTS, **{k: d.pop(k) for k in list(d) if k in fields}}
+    if kwargs["q_lora_rank"] is None:
         kwargs["q_lora_rank"] = 0  # HF writes null for "no query bottleneck"
     if "num_mtp_layers" in d:  # transformers 5 spelling
         kwargs["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
     rope = d.pop("rope_parameters", None)  # transformers 5 folds rope_theta and the scaling into one dict
     if rope:
         rope = dict(rope)
-        kwargs["rope_theta"] = rope.pop("rope_theta", kwargs.get("rope_theta", 10000.0))
+        kwargs["rope_theta"] = rope.pop("rope_theta", kwargs["rope_theta"])
         kind = rope.pop("rope_type", rope.get("type", "default"))
         kwargs["rope_scaling"] = None if kind == "default" else {**rope, "type": kind}
     if kwargs.get("rope_scaling") is not None:
@@ -676,9 +686,13 @@ def config_from_hf(cls, config: dict | str | os.PathLike) -> ModelConfig:
         kind = rs.pop("rope_type", None)
         rs.setdefault("type", kind)
         kwargs["rope_scaling"] = rs
+    # keys whose other values would change the model in ways this implementation does not build
     supported = {"hidden_act": {"silu"}, "attention_bias": {False}, "moe_layer_freq": {1},
-                 "topk_method": {"noaux_tc"}, "rope_interleave": {True},
-                 "num_key_value_heads": {None, kwargs.get("num_attention_heads", cls.num_attention_heads)}}
+                 "topk_method": {"noaux_tc"}, "rope_interleave": {True}, "attention_dropout": {0.0},
+                 "seq_aux": {True}, "initializer_range": {0.02},
+                 "num_key_value_heads": {None, kwargs["num_attention_heads"]},
+                 "qk_head_dim": {kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]},
+                 "head_dim": {kwargs["qk_rope_head_dim"]}}
     for key, allowed in supported.items():
         if key in d and d.pop(key) not in allowed:
             raise ValueError(f"from_hf: {key}={config[key]!r} is not supported (allowed: {sorted(map(str, allowed))})")

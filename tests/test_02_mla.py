@@ -117,9 +117,30 @@ def test_from_hf_real_configs_give_presets(tmp_path):
         assert back == dataclasses.replace(cfg, bias_update_speed=back.bias_update_speed)
 
 
+def test_from_hf_absent_keys_mean_what_transformers_reads():
+    cfg = ModelConfig.from_hf({"model_type": "deepseek_v3"})
+    assert (cfg.q_lora_rank, cfg.num_attention_heads, cfg.n_routed_experts, cfg.rope_theta) == (1536, 128, 256, 1e4)
+    assert ModelConfig.from_hf({"q_lora_rank": None}).q_lora_rank == 0  # null = no query bottleneck
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV3Config()
+    for key, value in m.HF_DEFAULTS.items():
+        if key == "rope_theta":
+            assert hf.rope_parameters["rope_theta"] == value
+        elif key == "rope_scaling":
+            assert hf.rope_parameters["rope_type"] == "default"
+        else:
+            assert getattr(hf, key) == value, key
+    small = {k: v for k, v in small_cfg().to_hf().items() if k not in ("q_lora_rank", "num_attention_heads")}
+    small["num_key_value_heads"] = None
+    ours = ModelConfig.from_hf(small)
+    theirs = transformers.DeepseekV3Config(**small)
+    assert (ours.q_lora_rank, ours.num_attention_heads) == (theirs.q_lora_rank, theirs.num_attention_heads)
+
+
 def test_from_hf_rejects_what_it_cannot_build():
     for key, value in (("hidden_act", "gelu"), ("topk_method", "greedy"), ("rope_interleave", False),
-                       ("num_key_value_heads", 8), ("some_new_key", 1)):
+                       ("num_key_value_heads", 8), ("some_new_key", 1), ("attention_dropout", 0.1),
+                       ("initializer_range", 0.01), ("seq_aux", False), ("qk_head_dim", 64), ("head_dim", 128)):
         with pytest.raises(ValueError, match=key):
             ModelConfig.from_hf({**K2_CONFIG_JSON, key: value})
 
