@@ -40,7 +40,8 @@ Design choices
   in memory instead of one cache-sized expert block at a time.
 - The gating weight multiplies the expert's hidden activation h (width F) instead of its output (width D);
   by linearity of w_down, g · W_down h = W_down (g · h), and the product touches 4x fewer numbers at K2 sizes.
-- The router computes in fp32 and returns its affinities `scores` so callers can log or regularise them.
+- The router computes in fp32 (also under bf16 autocast) and returns its affinities `scores` so callers can
+  log or regularise them; its bias stays an fp32 buffer under `model.to(torch.bfloat16)` (`KeepBuffersFP32`).
 - Statistics and the auxiliary loss come back from `forward` in `MoEStats`; nothing global is mutated.
   The bias update is a separate function the training loop calls with loads summed over the batch (and, in
   chapter 4, over data-parallel ranks), so every rank applies the same update.
@@ -167,8 +168,27 @@ class Experts(nn.Module):
 # ---- the router ----
 
 
-class Router(nn.Module):
+class KeepBuffersFP32(nn.Module):
+    """A module whose buffers named in `fp32_buffers` stay fp32 under `.to(torch.bfloat16)` / `.half()` (they
+    still move between devices), as transformers does with `_keep_in_fp32_modules`. In bf16 (spacing 2⁻⁸ near
+    0.5) 0.5 + 0.001 rounds back to 0.5, so the router bias would lose its γ = 0.001 sign-rule steps."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after is not None and after.dtype != torch.float32:
+                setattr(self, name, before.to(after.device, torch.float32))  # exact value, new device
+        return self
+
+
+class Router(KeepBuffersFP32):
     """Sigmoid (or softmax) affinities; top-k on affinity + bias; gates from the unbiased affinities."""
+
+    fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, hidden_size: int, n_routed_experts: int, num_experts_per_tok: int,
                  scoring_func: str = "sigmoid", n_group: int = 1, topk_group: int = 1,
@@ -182,12 +202,14 @@ class Router(nn.Module):
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size))  # (E, D): centroids e_i
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
-        # b: the aux-loss-free bias. A persistent fp32 buffer: saved, moved with .to(), never seen by optimizers.
+        # b: the aux-loss-free bias. A persistent fp32 buffer: saved, moved with .to() (kept fp32 under bf16),
+        # never seen by optimizers.
         self.register_buffer("e_score_correction_bias", torch.zeros(n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # T tokens, D model dim, E experts, K top-k, G groups
-        logits = F.linear(x.float(), self.weight.float())  # (T, E), fp32 like DeepSeek-V3
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            logits = F.linear(x.float(), self.weight.float())  # (T, E), fp32 like DeepSeek-V3
         if self.scoring_func == "sigmoid":
             scores = logits.sigmoid()  # s_{t,i} = σ(u_tᵀ e_i)
         else:

@@ -22,8 +22,11 @@ Design choices
       transformers does), "absorbed" works in latent space. Training never touches a cache.
     - Training attention uses torch's fused SDPA (is_causal=True); cached attention is written out by hand so
       the reader sees the mask for a multi-token prefill chunk (query i sees keys <= start_pos + i).
-    - S_max (the per-head max pre-softmax logit QK-Clip needs, chapter 3) is recorded on request in a plain
-      attribute; it never feeds back into the output.
+    - S_max (the per-head max pre-softmax logit QK-Clip needs, chapter 3) is recorded on request, in fp32, in plain
+      attributes: `last_s_max` (the last forward) and `step_s_max` (the max over every forward since QK-Clip last
+      consumed it, i.e. over all micro-batches of a step); it never feeds back into the output.
+    - Mixed precision: under `model.to(torch.bfloat16)` or bf16 autocast, the router (logits, bias), RoPE
+      (frequencies, tables, rotation) and S_max stay fp32.
 
 Simplified vs K2
     - No multi-token-prediction module (K2 has none; DeepSeek-V3 has 1, not built; `num_nextn_predict_layers` kept).
@@ -252,9 +255,11 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x_2i, x_2i+1) by angle pos·θ_i; cos/sin broadcast to x[..., ::2]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate interleaved pairs (x_2i, x_2i+1) by angle pos·θ_i; cos/sin broadcast to x[..., ::2].
+    Computed in fp32 (a bf16 x is upcast), returned in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 # ---- multi-head latent attention ----
@@ -307,7 +312,9 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
         self.softmax_scale = softmax_scale(cfg)
         self.record_s_max = False
-        self.last_s_max: torch.Tensor | None = None  # (H,) from the last forward when record_s_max
+        self.last_s_max: torch.Tensor | None = None  # (H,) fp32, from the last forward when record_s_max
+        # (H,) fp32, max over every recording forward since QK-Clip last consumed it (all micro-batches of a step)
+        self.step_s_max: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, start_pos: int = 0,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -357,15 +364,17 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
         o = o[..., :dv]  # (B, H, S, dv)
         if self.record_s_max:  # SDPA hides its logits: recompute them, 256 queries at a time (bounded memory)
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(q.device.type, enabled=False):  # fp32 matmul, even under bf16
                 s_max = torch.full((H,), float("-inf"), device=q.device)
+                qf, kf = q.float(), k.float()
                 for i in range(0, S, 256):
                     n = min(256, S - i)
-                    logits = (q[:, :, i:i + n] @ k[:, :, :i + n].transpose(-2, -1)).float() * self.softmax_scale
+                    logits = (qf[:, :, i:i + n] @ kf[:, :, :i + n].transpose(-2, -1)) * self.softmax_scale
                     causal = torch.arange(i + n, device=q.device) <= torch.arange(i, i + n, device=q.device)[:, None]
                     self._record(logits, causal)  # logits (B, H, n, i+n), causal (n, i+n)
                     s_max = torch.maximum(s_max, self.last_s_max)
                 self.last_s_max = s_max  # (H,)
+                self._fold_step_s_max()
         return o.transpose(1, 2)  # (B, S, H, dv)
 
     def _attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask):
@@ -397,11 +406,17 @@ class MLA(nn.Module):
         if self.record_s_max:
             with torch.no_grad():
                 self._record(logits.float(), mask)
+                self._fold_step_s_max()
         return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(logits.dtype)
 
     def _record(self, logits: torch.Tensor, mask: torch.Tensor) -> None:
         """S_max^h = max over batch, queries and allowed keys of the pre-softmax logit (K2 §2.1)."""
-        self.last_s_max = logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3)).detach()  # (H,)
+        self.last_s_max = logits.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3)).detach().float()  # (H,)
+
+    def _fold_step_s_max(self) -> None:
+        """step_s_max ← max(step_s_max, last_s_max): the step's S_max covers every micro-batch, not the last."""
+        s = self.last_s_max
+        self.step_s_max = s.clone() if self.step_s_max is None else torch.maximum(self.step_s_max, s)
 
 
 # ---- the K2 decoder ----
@@ -444,8 +459,12 @@ class ModelOutput:
     hidden: torch.Tensor | None = None  # (B, S, D) output of the last held layer (for pipeline stages)
 
 
-class Transformer(nn.Module):
-    """The K2 decoder. A pipeline stage can hold a slice: `Transformer(cfg, layer_ids=range(8, 16), embed=False)`."""
+class Transformer(moe_lib.KeepBuffersFP32):
+    """The K2 decoder. A pipeline stage can hold a slice: `Transformer(cfg, layer_ids=range(8, 16), embed=False)`.
+    RoPE's inverse frequencies stay fp32 under `.to(torch.bfloat16)` (rounded to bf16 they put pos·θ at position 4096
+    off by radians; tests/test_02_mla.py measures it); the cos/sin tables are fp32 and `apply_rope` rotates in fp32."""
+
+    fp32_buffers = ("rope_inv_freq",)
 
     def __init__(self, cfg: ModelConfig, *, layer_ids=None, embed: bool = True, head: bool = True):
         super().__init__()
@@ -477,7 +496,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + S - 1} outside "
                              f"[0, max_position_embeddings={self.cfg.max_position_embeddings})")
         h = self.embed_tokens(idx) if self.embed_tokens is not None else idx  # (B, S, D)
-        cos, sin = self.rope(start_pos, S, h.dtype)
+        cos, sin = self.rope(start_pos, S, torch.float32)  # fp32 tables, also for a bf16 model
         aux_loss, loads = h.new_zeros((), dtype=torch.float32), []
         for i, layer in enumerate(self.layers):
             h, stats = layer(h, cos, sin, start_pos=start_pos, cache=None if cache is None else cache.layers[i])
@@ -547,7 +566,7 @@ class Transformer(nn.Module):
     def set_record_s_max(self, flag: bool) -> None:
         for layer in self.layers:
             layer.self_attn.record_s_max = flag
-            layer.self_attn.last_s_max = None
+            layer.self_attn.last_s_max = layer.self_attn.step_s_max = None
 
     def s_max(self) -> torch.Tensor:
         """(num_layers, H) per-head max logits of the last forward (needs set_record_s_max(True) before it)."""

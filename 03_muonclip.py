@@ -26,15 +26,17 @@ Design choices
   Newton-Schulz normalisation makes the two identical up to eps, and a test checks it).
 - Newton-Schulz in fp32 by default (we run on CPUs; bf16 is what GPUs use and an option here).
 - 3-D expert stacks (E, out, in) are orthogonalised per expert matrix, batched over E.
-- QK-Clip uses the S_max of the forward that produced the gradient (K2 Algorithm 1), so the next forward
-  can sit above tau by however much that one update moved the logits; it is a cap with one step of lag.
+- QK-Clip uses the S_max of the forwards that produced the gradient (K2 Algorithm 1): the max over every
+  micro-batch of the step (MLA.step_s_max, fp32), consumed by the clip so it is never applied twice; a
+  `reduce_max` hook MAX-all-reduces it over replicas (chapter 4). The next forward can sit above tau by
+  however much that one update moved the logits; it is a cap with one step of lag.
+- Optimizer state (momentum, AdamW moments) is fp32 even for a bf16 model.
 
 Simplified vs K2
 - Single process. K2 runs Muon on ZeRO-1 shards (gather the full matrix, Newton-Schulz, keep the local
-  slice); chapter 4 does that. QK-Clip here reads S_max from one forward of the local batch.
+  slice); chapter 4 does that.
 - K2's MuonClip clips heads per layer with tau = 100 over 15.5T tokens; the demo uses a tiny model, a
   synthetic language and a small tau to make the explosion and the clip visible in minutes on a CPU.
-- With gradient accumulation K2 takes S_max over the whole batch; here it is the last micro-batch's.
 - The Muon-vs-AdamW comparison is a 100-step x 2048-token toy run with 4-point lr sweeps, not Moonlight's
   compute-optimal scaling study.
 
@@ -57,7 +59,7 @@ import importlib
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -144,6 +146,7 @@ def adamw_update_(p: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float
                   eps: float, weight_decay: float) -> None:
     """One AdamW step (Loshchilov & Hutter) on one parameter; matches torch.optim.AdamW (tested)."""
     beta1, beta2 = betas
+    grad = grad.float()  # the moments are fp32 (see step_param_)
     state["step"] += 1
     t = state["step"]
     state["exp_avg"].lerp_(grad, 1 - beta1)  # m ← β1 m + (1-β1) g
@@ -199,9 +202,10 @@ class Muon(torch.optim.Optimizer):
 
 
 def _muon_step_param(p: torch.Tensor, state: dict, group: dict) -> None:
-    """One Muon update of one parameter with its group's hyperparameters (shared by Muon and MuonClip)."""
+    """One Muon update of one parameter with its group's hyperparameters (shared by Muon and MuonClip).
+    The momentum is fp32 whatever the parameter's dtype (a bf16 model keeps fp32 optimizer state)."""
     if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(p)
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
     muon_update_(p, p.grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
                  nesterov=group["nesterov"], weight_decay=group["weight_decay"],
                  ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"], scaling=group["scaling"])
@@ -251,8 +255,14 @@ def set_record_s_max(model: nn.Module, flag: bool) -> None:
 
 
 @torch.no_grad()
-def qk_clip_(model: nn.Module, tau: float = 100.0, apply: bool = True) -> dict:
-    """QK-Clip (K2 §2.1, Algorithm 1), after the optimizer step, from the S_max of the last forward.
+def qk_clip_(model: nn.Module, tau: float = 100.0, apply: bool = True,
+             reduce_max: Callable[[torch.Tensor], None] | None = None) -> dict:
+    """QK-Clip (K2 §2.1, Algorithm 1), after the optimizer step, from the step's S_max.
+
+    The step's S_max^h is the max over every recording forward since the last call (all micro-batches of the
+    step: MLA.step_s_max); this call consumes it, so a stale S_max is never applied twice (a second call
+    without a forward in between raises). `reduce_max`, if given, MAX-all-reduces the (L, H) fp32 tensor in
+    place over the ranks that hold replicas of these layers (chapter 4), so every replica clips identically.
 
     Per layer and head h with S_max^h > tau:
         γ_h = tau / S_max^h
@@ -271,13 +281,15 @@ def qk_clip_(model: nn.Module, tau: float = 100.0, apply: bool = True) -> dict:
     layers = _mla_modules(model)
     if not layers:
         raise ValueError("qk_clip_: model has no MLA layers")
-    rows = []
+    if any(getattr(attn, "step_s_max", None) is None for attn in layers):
+        raise RuntimeError("qk_clip_: no S_max recorded since the last clip; call set_record_s_max(model, True) "
+                           "and run a forward")
+    s_all = torch.stack([attn.step_s_max.float() for attn in layers])  # (L, H) max over the step's micro-batches
     for attn in layers:
-        s_max = getattr(attn, "last_s_max", None)
-        if s_max is None:
-            raise RuntimeError("qk_clip_: no S_max recorded; call set_record_s_max(model, True) and run a forward")
-        s_max = s_max.float()  # (H,)
-        rows.append(s_max)
+        attn.step_s_max = None  # consumed: the next step starts a fresh max
+    if reduce_max is not None:
+        reduce_max(s_all)  # S_max ← max over replicas (all-reduce MAX)
+    for attn, s_max in zip(layers, s_all):
         clip = s_max > tau  # (H,)
         if not apply or not clip.any():
             continue
@@ -289,7 +301,6 @@ def qk_clip_(model: nn.Module, tau: float = 100.0, apply: bool = True) -> dict:
         w_q[:, dn:].mul_(gamma.view(H, 1, 1).to(w_q.dtype))  # W_qr ← γ·W_qr
         w_kv = attn.kv_b_proj.weight.view(H, dn + dv, -1)  # (H, dn+dv, kv_lora_rank)
         w_kv[:, :dn].mul_(gamma.sqrt().view(H, 1, 1).to(w_kv.dtype))  # W_kc ← √γ·W_kc ; values untouched
-    s_all = torch.stack(rows)  # (L, H)
     clipped = s_all > tau
     return dict(s_max=s_all, clipped=clipped, n_clipped=int(clipped.sum()), frac_clipped=float(clipped.float().mean()),
                 max_s_max_per_layer=s_all.max(dim=1).values.tolist(), max_s_max=float(s_all.max()))
@@ -303,14 +314,16 @@ class MuonClip(torch.optim.Optimizer):
     One optimizer with two kinds of param groups (group["use_muon"]), so schedulers and state_dict work
     as for any torch optimizer. `lr` is Muon's lr (on AdamW's scale thanks to RMS matching, in Moonlight's
     regime; in the tiny demo the best Muon lr is ~10x AdamW's); `adamw_lr` is the lr of embeddings, head, norms. Constructing it turns on S_max recording in
-    every MLA layer; `step()` returns the loss of the closure, if any, and leaves the QK-Clip stats in
+    every MLA layer (eval forwards with recording on also count toward the step's S_max: turn it off around
+    them); `s_max_reduce` is the all-reduce MAX hook of `qk_clip_`; `step()` returns the loss of the closure, if any, and leaves the QK-Clip stats in
     `self.clip_stats`.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-3, adamw_lr: float = 2e-3, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.1, adamw_betas: tuple[float, float] = (0.9, 0.95),
                  adamw_eps: float = 1e-8, adamw_weight_decay: float = 0.1, tau: float = 100.0, qk_clip: bool = True,
-                 ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32, scaling: str = "match_rms_adamw"):
+                 ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32, scaling: str = "match_rms_adamw",
+                 s_max_reduce: Callable[[torch.Tensor], None] | None = None):
         _check_hparams(lr, momentum, weight_decay, ns_steps, scaling)
         if not adamw_lr >= 0.0:
             raise ValueError(f"adamw_lr must be >= 0, got {adamw_lr}")
@@ -329,6 +342,7 @@ class MuonClip(torch.optim.Optimizer):
         ]
         super().__init__([g for g in groups if g["params"]], {})
         self.model, self.tau, self.qk_clip = model, tau, qk_clip
+        self.s_max_reduce = s_max_reduce  # e.g. an all-reduce MAX over data-parallel replicas (chapter 4)
         self.clip_stats: dict | None = None
         set_record_s_max(model, True)
 
@@ -340,19 +354,24 @@ class MuonClip(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if group["use_muon"]:
-                    _muon_step_param(p, state, group)
-                else:
-                    if "step" not in state:
-                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    adamw_update_(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                  weight_decay=group["weight_decay"])
-        # QK-Clip reads the S_max of the forward that produced these gradients (K2 Alg. 1, after the update).
-        self.clip_stats = qk_clip_(self.model, self.tau, apply=self.qk_clip)
+                if p.grad is not None:
+                    step_param_(p, self.state[p], group)
+        # QK-Clip reads the S_max of the forwards that produced these gradients (K2 Alg. 1, after the update).
+        self.clip_stats = qk_clip_(self.model, self.tau, apply=self.qk_clip, reduce_max=self.s_max_reduce)
         return loss
+
+
+def step_param_(p: torch.Tensor, state: dict, group: dict) -> None:
+    """MuonClip's update of one parameter: Muon or AdamW by its group. Optimizer state is fp32 even for bf16
+    parameters. Chapter 4's ZeRO-1 calls this on the parameters a rank owns."""
+    if group["use_muon"]:
+        _muon_step_param(p, state, group)
+        return
+    if "step" not in state:
+        state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                     exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+    adamw_update_(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                  weight_decay=group["weight_decay"])
 
 
 # ---- A toy language that a tiny model can learn in minutes ----

@@ -281,3 +281,27 @@ def test_dispatch_switch_is_validated():
         moe.dispatch = "sorted"
 
 
+
+
+# ---- mixed precision ----
+
+
+def test_router_bias_stays_fp32_under_bf16_and_autocast():
+    moe = small_moe().to(torch.bfloat16)
+    b = moe.router.e_score_correction_bias
+    assert b.dtype == torch.float32 and moe.router.weight.dtype == torch.bfloat16
+    b.fill_(0.5)
+    load_ = torch.tensor([0.0] + [10.0] * 7)  # expert 0 idle: its bias rises by γ each update
+    for _ in range(10):
+        moe_mod.update_router_bias_(moe, load_, 0.001)
+    assert abs(b[0].item() - 0.51) < 1e-6  # ten up-steps of 0.001 all kept
+    lost = torch.tensor(0.5, dtype=torch.bfloat16)
+    for _ in range(10):
+        lost += 0.001
+    assert lost.item() == 0.5  # what a bf16 bias would have done: every step rounds away
+    router = Router(16, 8, 2)
+    x = torch.randn(12, 16)
+    ref = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    assert got[2].dtype == torch.float32 and torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])

@@ -476,3 +476,33 @@ def test_s_max_long_sequence_training_path_matches_cached_path():
         run_cached(model, x, [300], absorbed=False)
         s_cached = model.s_max()
     torch.testing.assert_close(s_train, s_cached, rtol=1e-4, atol=1e-5)
+
+
+# ---- mixed precision ----
+
+def test_rope_and_s_max_stay_fp32_under_bf16():
+    cfg = small_cfg(rope_scaling=yarn())
+    ref = make(cfg)
+    model = make(cfg).to(torch.bfloat16)
+    assert model.rope_inv_freq.dtype == torch.float32 and torch.equal(model.rope_inv_freq, ref.rope_inv_freq)
+    pos = torch.tensor(4096.0)
+    k2_freq, _ = m.rope_frequencies(m.ModelConfig.kimi_k2())
+    err = (pos * k2_freq.bfloat16().float() - pos * k2_freq).abs().max().item()
+    assert err > 1.0  # K2's frequencies rounded to bf16 put the angle at position 4096 off by radians
+    cos, sin = model.rope(0, 8, torch.float32)
+    cos_ref, sin_ref = ref.rope(0, 8, torch.float32)
+    assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
+    x = torch.randint(0, cfg.vocab_size, (2, 10))
+    ref.set_record_s_max(True)
+    model.set_record_s_max(True)
+    with torch.no_grad():
+        ref(x)
+        out = model(x)
+        s16 = model.s_max()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref(x)
+            s_auto = ref.s_max()
+        ref(x)
+    assert out.logits.dtype == torch.bfloat16 and s16.dtype == s_auto.dtype == torch.float32
+    torch.testing.assert_close(s16, ref.s_max(), rtol=0.1, atol=0.05)  # bf16 weights, same logits up to rounding
+    torch.testing.assert_close(s_auto, ref.s_max(), rtol=0.1, atol=0.05)

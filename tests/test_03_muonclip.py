@@ -370,3 +370,68 @@ def test_demo_arms_share_adamw_settings_schedule_and_no_clip():
     assert math.isclose(r["adamw"]["opt"].param_groups[0]["lr"], 3e-3 * factor)
     lrs = {g["use_muon"]: g["lr"] for g in r["muon"]["opt"].param_groups}
     assert math.isclose(lrs[True], 3e-2 * factor) and math.isclose(lrs[False], 3e-3 * factor)
+
+
+# ---- S_max over micro-batches, replicas, mixed precision ----
+
+def test_qk_clip_s_max_is_the_max_over_micro_batches_and_consumed_once():
+    """Two micro-batches clip exactly like one forward over their concatenation; the S_max is used once."""
+    cfg = tiny_cfg(num_hidden_layers=2)
+    idx = torch.randint(0, 512, (4, 16))
+    clipped = []
+    for parts in ([idx], [idx[:2], idx[2:]]):
+        torch.manual_seed(0)
+        model = mla.Transformer(cfg)
+        mc.set_record_s_max(model, True)
+        per_mb = []
+        with torch.no_grad():
+            for part in parts:
+                model(part)
+                per_mb.append(model.s_max().clone())
+        s_step = torch.stack(per_mb).amax(0)  # (L, H)
+        tau = s_step.median().item()
+        stats = mc.qk_clip_(model, tau=tau)
+        torch.testing.assert_close(stats["s_max"], s_step)
+        if len(parts) == 2:
+            assert not torch.equal(per_mb[1], s_step)  # the last micro-batch alone would clip differently
+        clipped.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        with pytest.raises(RuntimeError, match="no S_max recorded"):
+            mc.qk_clip_(model, tau=tau)  # consumed: never applied twice
+    for n, p in clipped[0].items():
+        torch.testing.assert_close(clipped[1][n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_qk_clip_reduce_max_hook_decides_the_clip():
+    model = mla.Transformer(tiny_cfg(num_hidden_layers=2))
+    mc.set_record_s_max(model, True)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (2, 16)))
+    local = model.s_max().clone()
+    tau = local.max().item() * 2  # nothing local is over tau ...
+    seen = []
+
+    def other_replica_saw_more(s):  # ... but a replica saw 4x larger logits (as an all-reduce MAX would bring)
+        seen.append(s.shape)
+        s.copy_(torch.maximum(s, 4 * local))
+
+    stats = mc.qk_clip_(model, tau=tau, reduce_max=other_replica_saw_more)
+    assert seen == [local.shape] and stats["n_clipped"] == local.numel()
+    torch.testing.assert_close(stats["s_max"], 4 * local)
+
+
+def test_muonclip_state_is_fp32_for_a_bf16_model():
+    cfg = tiny_cfg(num_hidden_layers=2)
+    model = mla.Transformer(cfg).to(torch.bfloat16)
+    opt = mc.MuonClip(model, lr=1e-2, adamw_lr=1e-2, tau=0.05)  # below the initial logits: clips
+    idx = torch.randint(0, 512, (2, 16))
+    for _ in range(2):
+        out = model(idx, idx.roll(-1, dims=1))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        mla.update_router_biases_(model, out.expert_load, cfg.bias_update_speed)
+    tensors = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    assert tensors and all(t.dtype == torch.float32 for t in tensors)
+    assert opt.clip_stats["s_max"].dtype == torch.float32 and opt.clip_stats["n_clipped"] > 0
+    assert all(m.router.e_score_correction_bias.dtype == torch.float32 for m in model.moe_layers())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
