@@ -92,6 +92,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+import cli
+
 # ---- configuration checks ----
 
 
@@ -108,7 +110,7 @@ def _check_router_config(n_routed_experts: int, num_experts_per_tok: int, n_grou
     _check_positive("n_group", n_group)
     _check_positive("topk_group", topk_group)
     if num_experts_per_tok > n_routed_experts:
-        raise ValueError(f"num_experts_per_tok (top-k) must be in [1, n_routed_experts={n_routed_experts}], "
+        raise ValueError(f"num_experts_per_tok must be in [1, n_routed_experts={n_routed_experts}], "
                          f"got {num_experts_per_tok}")
     if n_routed_experts % n_group != 0:
         raise ValueError(f"n_group must divide n_routed_experts={n_routed_experts}, got n_group={n_group}")
@@ -582,13 +584,14 @@ def train_facts(args, n_experts: int, seed: int, progress: Progress, task) -> li
 
 def demo_sparsity(args, console: Console) -> None:
     K = args.sweep_top_k
-    sparsities = [int(s) for s in args.sparsities.split(",")]
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    sparsities, seeds = args.sparsities, args.seeds
     curves = {}
     with Progress(console=console) as progress:
         task = progress.add_task("sparsity sweep", total=len(sparsities) * len(seeds) * args.sweep_steps)
         for s in sparsities:
             curves[s] = [train_facts(args, s * K, seed, progress, task) for seed in seeds]
+            progress.console.print(f"sparsity {s} ({s * K} experts): final val loss "  # partial result
+                                   f"{statistics.mean(c[-1] for c in curves[s]):.3f} (mean of {len(seeds)} seeds)")
     mean_curve = {s: [statistics.mean(c[i] for c in cs) for i in range(len(cs[0]))] for s, cs in curves.items()}
     steps = [args.eval_every * (i + 1) for i in range(len(mean_curve[sparsities[0]]))]
     target = mean_curve[sparsities[0]][-1]  # the loss the least sparse model reaches at the end
@@ -608,7 +611,8 @@ def demo_sparsity(args, console: Console) -> None:
                       f"{statistics.pstdev(finals):.3f}", str(reach) if reach else "not reached",
                       f"{steps[-1] / reach:.2f}x" if reach else "-")
     console.print(table)
-    plot_sparsity(args, sparsities, steps, mean_curve, console)
+    if not args.no_figures:
+        plot_sparsity(args, sparsities, steps, mean_curve, console)
 
 
 def plot_sparsity(args, sparsities, steps, mean_curve, console: Console) -> None:
@@ -703,75 +707,107 @@ def bench(args, console: Console) -> None:
 
 # ---- the real sizes, on the meta device ----
 
+MOE_PRESETS = {  # (D, F, E, K, shared, n_group, topk_group, scale) from the public config.json files
+    "kimi-k2": (7168, 2048, 384, 8, 1, 1, 1, 2.827),
+    "deepseek-v3": (7168, 2048, 256, 8, 1, 8, 4, 2.5),
+}
 
-def show_preset(console: Console) -> None:
-    presets = {  # (D, F, E, K, shared, n_group, topk_group, scale) from the public config.json files
-        "kimi-k2": (7168, 2048, 384, 8, 1, 1, 1, 2.827),
-        "deepseek-v3": (7168, 2048, 256, 8, 1, 8, 4, 2.5),
-    }
-    table = Table(title="One MoE layer at real sizes (built on the meta device, no memory used)")
-    for col in ("model", "experts", "top-k", "sparsity", "params / layer", "activated / token", "group routing"):
-        table.add_column(col, justify="right")
-    for name, (D, Fd, E, K, shared, ng, tg, scale) in presets.items():
-        with torch.device("meta"):
-            moe = MoE(D, Fd, E, K, shared, scale, ng, tg)
-        total = sum(p.numel() for p in moe.parameters())
-        per_expert = moe.experts.w_gate[0].numel() * 3
-        activated = total - (E - K) * per_expert
-        table.add_row(name, str(E), str(K), f"{E // K}", f"{total / 1e9:.2f}B", f"{activated / 1e6:.0f}M",
-                      f"{ng} / {tg}")
+
+def show_preset(args, console: Console) -> None:
+    """One MoE layer of the chosen preset, built on the meta device ("meta": shapes only, no memory, no values)."""
+    if args.preset == "tiny":  # demo 1's layer, from the flags
+        sizes = (args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.top_k, 1, 1, 1,
+                 args.routed_scaling_factor)
+    else:
+        sizes = MOE_PRESETS[args.preset]
+    D, Fd, E, K, shared, ng, tg, scale = sizes
+    with torch.device("meta"):
+        moe = MoE(D, Fd, E, K, shared, scale, ng, tg)
+    total = sum(p.numel() for p in moe.parameters())
+    activated = total - (E - K) * moe.experts.w_gate[0].numel() * 3  # idle experts: gate, up, down each
+    table = Table(title=f"One MoE layer of {args.preset} (built on the meta device: shapes only, no memory used)")
+    table.add_column("")
+    table.add_column(args.preset, justify="right")
+    for row in (("hidden size D / expert width F", f"{D} / {Fd}"),
+                ("routed experts E, top-k K, shared", f"{E}, {K}, {shared}"),
+                ("sparsity E / K", f"{E / K:g}"),
+                ("routed_scaling_factor", f"{scale:g}"),
+                ("group-limited routing", "none (1 group)" if ng == 1 else f"top {tg} of {ng} groups"),
+                ("parameters in the layer", f"{total:,} ({_human(total)})"),
+                ("activated per token", f"{activated:,} ({_human(activated)})")):
+        table.add_row(*row)
     console.print(table)
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
 # ---- command line ----
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sparsity-sweep", action="store_true", help="run the sparsity scaling sweep instead of demo 1")
-    p.add_argument("--bench", action="store_true", help="time fast dispatch vs dense SwiGLU vs DeepseekV3MoE")
-    p.add_argument("--preset", choices=["kimi-k2"], default=None, help="print the real layer sizes (meta device)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for the tiny demos, torch's default for --bench)")
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sparsity-sweep", action="store_true", help="run the sparsity scaling sweep instead of demo 1")
+    mode.add_argument("--bench", action="store_true", help="only time fast dispatch vs dense SwiGLU vs DeepseekV3MoE")
+    mode.add_argument("--preset", choices=["tiny", "kimi-k2", "deepseek-v3"], default=None,
+                      help="only print one MoE layer's sizes (tiny = demo 1's layer; meta device)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of one run (demo 1, bench)")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
+                   help="torch CPU threads (unset: 1 for the tiny demos, torch's default for --bench)")
     # demo 1
-    p.add_argument("--steps", type=int, default=400, help="training steps per run (load balance demo)")
-    p.add_argument("--log-every", type=int, default=50, help="table row every this many steps")
-    p.add_argument("--vocab-size", type=int, default=256, help="toy bigram language vocabulary")
-    p.add_argument("--hidden-size", type=int, default=64, help="model width D")
-    p.add_argument("--moe-intermediate-size", type=int, default=64, help="expert width F")
-    p.add_argument("--n-routed-experts", type=int, default=16, help="routed experts E")
-    p.add_argument("--top-k", type=int, default=2, help="routed experts per token K")
-    p.add_argument("--routed-scaling-factor", type=float, default=2.827, help="gate scale (K2: 2.827)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (load balance demo)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (load balance demo)")
-    p.add_argument("--bias-update-speed", type=float, default=0.01,
+    p.add_argument("--steps", type=cli.positive_int, default=400, help="training steps per run (load balance demo)")
+    p.add_argument("--log-every", type=cli.positive_int, default=50, help="table row every this many steps")
+    p.add_argument("--vocab-size", type=cli.positive_int, default=256, help="toy bigram language vocabulary")
+    p.add_argument("--hidden-size", type=cli.positive_int, default=64, help="model width D")
+    p.add_argument("--moe-intermediate-size", type=cli.positive_int, default=64, help="expert width F")
+    p.add_argument("--n-routed-experts", type=cli.positive_int, default=16, help="routed experts E")
+    p.add_argument("--top-k", type=cli.positive_int, default=2, help="routed experts per token K")
+    p.add_argument("--routed-scaling-factor", type=cli.positive_float, default=2.827, help="gate scale (K2: 2.827)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=cli.positive_int, default=64, help="tokens per sequence (load balance demo)")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate (load balance demo)")
+    p.add_argument("--bias-update-speed", type=cli.nonneg_float, default=0.01,
                    help="γ in b_i += γ·sign(mean - load_i) (DeepSeek-V3: 0.001 over far more steps)")
     # demo 2
-    p.add_argument("--sparsities", default="1,2,4,8,16,32", help="comma-separated total/activated ratios to sweep")
-    p.add_argument("--seeds", type=int, default=2, help="seeds averaged per sparsity")
-    p.add_argument("--n-symbols", type=int, default=64, help="symbols; facts are all (a, b) -> v pairs")
-    p.add_argument("--facts-per-seq", type=int, default=16, help="facts (3 tokens each) per training sequence")
-    p.add_argument("--sweep-steps", type=int, default=600, help="training steps per sweep run")
-    p.add_argument("--eval-every", type=int, default=50, help="validation every this many sweep steps")
-    p.add_argument("--sweep-hidden-size", type=int, default=16, help="model width D in the sweep")
-    p.add_argument("--sweep-expert-size", type=int, default=16, help="expert width F in the sweep")
-    p.add_argument("--sweep-top-k", type=int, default=2, help="activated routed experts in the sweep")
-    p.add_argument("--sweep-batch-size", type=int, default=32, help="sequences per sweep step")
-    p.add_argument("--sweep-lr", type=float, default=3e-3, help="AdamW learning rate in the sweep")
-    p.add_argument("--figures-dir", default="figures", help="where sparsity_scaling.png goes")
+    p.add_argument("--sparsities", type=cli.positive_int_list, default=[1, 2, 4, 8, 16, 32],
+                   help="comma-separated total/activated ratios to sweep (the first one is the baseline)")
+    p.add_argument("--seeds", type=cli.nonneg_int_list, default=[0, 1],
+                   help="sweep: comma-separated seeds, one run per seed and sparsity, averaged")
+    p.add_argument("--n-symbols", type=cli.positive_int, default=64, help="symbols; facts are all (a, b) -> v pairs")
+    p.add_argument("--facts-per-seq", type=cli.positive_int, default=16,
+                   help="facts (3 tokens each) per training sequence")
+    p.add_argument("--sweep-steps", type=cli.positive_int, default=600, help="training steps per sweep run")
+    p.add_argument("--eval-every", type=cli.positive_int, default=50, help="validation every this many sweep steps")
+    p.add_argument("--sweep-hidden-size", type=cli.positive_int, default=16, help="model width D in the sweep")
+    p.add_argument("--sweep-expert-size", type=cli.positive_int, default=16, help="expert width F in the sweep")
+    p.add_argument("--sweep-top-k", type=cli.positive_int, default=2, help="activated routed experts in the sweep")
+    p.add_argument("--sweep-batch-size", type=cli.positive_int, default=32, help="sequences per sweep step")
+    p.add_argument("--sweep-lr", type=cli.positive_float, default=3e-3, help="AdamW learning rate in the sweep")
+    p.add_argument("--figures-dir", type=cli.out_dir, default="figures", help="where sparsity_scaling.png goes")
+    p.add_argument("--no-figures", action="store_true", help="sweep: do not write the figure")
     # bench
-    p.add_argument("--bench-tokens", type=int, default=4096, help="tokens per bench step")
-    p.add_argument("--bench-reps", type=int, default=7, help="timed repetitions per variant (median reported)")
-    args = p.parse_args()
+    p.add_argument("--bench-tokens", type=cli.positive_int, default=4096, help="tokens per bench step")
+    p.add_argument("--bench-reps", type=cli.positive_int, default=7,
+                   help="timed repetitions per variant (median reported)")
+    args = p.parse_args(argv)
+    if args.preset in (None, "tiny") and not args.bench:  # checked before any training starts
+        try:
+            _check_router_config(args.n_routed_experts, args.top_k, 1, 1, "sigmoid", args.routed_scaling_factor)
+        except ValueError as err:
+            cli.flag_error(p, err, {"num_experts_per_tok": "--top-k", "n_routed_experts": "--n-routed-experts"})
+    if args.sparsity_sweep and args.eval_every > args.sweep_steps:
+        p.error(f"argument --eval-every: {args.eval_every} > --sweep-steps {args.sweep_steps}: no validation point")
+    if not (args.sparsity_sweep or args.bench or args.preset) and args.log_every > args.steps:
+        p.error(f"argument --log-every: {args.log_every} > --steps {args.steps}: the table would have no row")
     console = Console()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif not args.bench:
         torch.set_num_threads(1)  # tiny matmuls: one thread avoids OpenMP hand-offs (and noisy neighbours)
     if args.preset:
-        show_preset(console)
+        show_preset(args, console)
     elif args.bench:
         bench(args, console)
     elif args.sparsity_sweep:
@@ -781,4 +817,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -19,11 +19,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each default once and keeps the description's line breaks."""
+    """Shows each default once and keeps the description's line breaks. A usage line longer than three lines
+    (a chapter has dozens of flags) shrinks to `usage: prog [options]`, so an error is two short lines; `--help`
+    still lists every flag below it."""
+
+    def _format_usage(self, usage, actions, groups, prefix):
+        text = super()._format_usage(usage, actions, groups, prefix)
+        if usage is None and text.strip().count("\n") > 2:
+            pos = " ".join(a.metavar if isinstance(a.metavar, str) else a.dest for a in actions if not a.option_strings)
+            text = super()._format_usage(f"%(prog)s [options] {pos}".rstrip(), actions, groups, prefix)
+        return text
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.nargs == 0:  # flags, unset options
+            return action.help
+        if isinstance(action.default, (list, tuple)):  # as typed: 0,1,2
+            return f"{action.help} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
 
 
 def _number(kind, s: str, what: str, ok):
@@ -115,13 +132,17 @@ def in_file(s: str) -> str:
 def flag_error(parser: argparse.ArgumentParser, err: Exception, flags: dict[str, str]) -> None:
     """Turn an API ValueError into argparse's one-line error on the flag the user typed (exits 2).
 
-    `flags` maps the API's parameter names to flags, e.g. {"num_experts_per_tok": "--top-k"}. The message's
-    first parameter name found in `flags` is replaced by its flag; unknown messages pass through unchanged.
+    `flags` maps the API's parameter names to flags, e.g. {"num_experts_per_tok": "--top-k"}. The mapped name
+    that comes first in the message is the flag the error is reported on; every mapped name in the message is
+    replaced by its flag. A message naming none of them passes through unchanged.
     """
     msg = str(err)
+    found = sorted((m.start(), flag) for name, flag in flags.items()
+                   for m in [re.search(rf"\b{re.escape(name)}\b", msg)] if m)
     for name, flag in flags.items():
-        if name in msg:
-            parser.error(f"argument {flag}: {msg.replace(name, flag, 1)}")
+        msg = re.sub(rf"\b{re.escape(name)}\b", flag, msg)
+    if found:
+        parser.error(f"argument {found[0][1]}: {msg}")
     parser.error(msg)
 
 
