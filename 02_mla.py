@@ -4,13 +4,18 @@ What it is
     Standard multi-head attention caches a key and a value vector per head for every past token: for K2's
     64 heads of 192/128 dims that is 20,480 numbers per token per layer. MLA (DeepSeek-V2 §2.1) caches one
     shared latent c_kv (kv_lora_rank = 512) plus one shared RoPE key k_rope (qk_rope_head_dim = 64): 576
-    numbers, 36x fewer. The per-head keys and values are linear functions of c_kv (kv_b_proj), so at decode
-    time the up-projections can be folded ("absorbed") into the query and the output: attention then runs
-    directly on the latent cache and the full keys/values never exist. Position goes through a separate,
-    decoupled RoPE part (q_rope, k_rope) because a rotation between W_UK and the query would block absorption.
+    numbers, 36x fewer. The per-head keys and values are linear functions of c_kv: k_nope = W_UK·c_kv and
+    v = W_UV·c_kv (W_UK, W_UV: the "up-projections" stacked in kv_b_proj), so at decode time W_UK can be folded
+    ("absorbed") into the query and W_UV into the output: attention then runs directly on the latent cache and
+    the full keys/values never exist. Position enters through RoPE (rotary position embedding, RoFormer: each
+    pair of query/key dims is rotated by an angle proportional to the token's position, so q·k depends on
+    the distance between tokens). It gets its own decoupled dims (q_rope, k_rope), because a rotation between
+    W_UK and the query would block absorption. YaRN rescales RoPE's frequencies to stretch a 4k-trained context.
     Kimi K2 keeps DeepSeek-V3's MLA but uses 64 heads instead of 128: at 128k context 128 heads would cost
     +83% inference FLOPs for only 0.5-1.2% lower validation loss (K2 report §2.3). This file also builds the
-    whole K2 decoder: embedding, 1 dense SwiGLU layer, then MoE layers from chapter 1, 61 layers, 1.04T params.
+    whole K2 decoder: embedding, 1 dense SwiGLU layer (the gated FFN W_down(silu(W_gate x) * W_up x)), then MoE
+    layers from chapter 1, 61 layers: 1,026,408,209,408 parameters counted from config.json (published: 1.04T;
+    `--preset kimi-k2` shows what each counting convention gives).
 
 Design choices
     - Names follow transformers' DeepseekV3 (q_a_proj, kv_a_proj_with_mqa, kv_b_proj, ...), so a checkpoint is a
@@ -20,7 +25,7 @@ Design choices
     - The decode cache is an explicit object (`model.new_cache(...)`) passed to `forward`; it holds only the
       latent (c_kv, k_rope). Two attention paths read it: "naive" re-expands it to full K/V every step (what
       transformers does), "absorbed" works in latent space. Training never touches a cache.
-    - Training attention uses torch's fused SDPA (is_causal=True); cached attention is written out by hand so
+    - Training attention uses torch's fused SDPA (`scaled_dot_product_attention`, is_causal=True); cached attention is written out by hand so
       the reader sees the mask for a multi-token prefill chunk (query i sees keys <= start_pos + i).
     - S_max (the per-head max pre-softmax logit QK-Clip needs, chapter 3) is recorded on request, in fp32, in plain
       attributes: `last_s_max` (the last forward) and `step_s_max` (the max over every forward since QK-Clip last
@@ -29,7 +34,8 @@ Design choices
       (frequencies, tables, rotation) and S_max stay fp32.
 
 Simplified vs K2
-    - No multi-token-prediction module (K2 has none; DeepSeek-V3 has 1, not built; `num_nextn_predict_layers` kept).
+    - No multi-token-prediction (MTP) module, an extra layer trained to predict the token after next (K2's
+      checkpoint has none; DeepSeek-V3 has 1, not built; `num_nextn_predict_layers` kept).
     - No FP8, no tensor parallel, no fused MLA or MoE kernels; fp32 on CPU, bf16 on CUDA.
     - Batched generation takes equal-length prompts (no left padding / attention mask).
     - tiny() has 4 layers of width 128 and 32 experts top-4 (sparsity 8, K2: 48); ratios noted in tiny().
@@ -42,7 +48,8 @@ References
 
 Run:
     python 02_mla.py --help
-    python 02_mla.py            # tables for the real configs + tiny-model checks on CPU (about 30 s)
+    python 02_mla.py            # tables for the real configs + tiny-model checks on CPU (20-50 s on 2 cores)
+    python 02_mla.py --preset kimi-k2   # one config: parameters by component, published vs counted, KV, FLOPs
     python 02_mla.py --bench    # our training step vs transformers' DeepseekV3; absorbed vs naive decode at 4k
 """
 
@@ -62,6 +69,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import cli
 
 moe_lib = importlib.import_module("01_moe")  # chapter 1: SwiGLU, MoE, update_router_bias_
 
@@ -157,7 +166,8 @@ class ModelConfig:
     # -- presets --
     @classmethod
     def kimi_k2(cls, **overrides) -> ModelConfig:
-        """Kimi K2 (moonshotai/Kimi-K2-Instruct config.json): 1.04T total, 32.6B activated."""
+        """Kimi K2 (moonshotai/Kimi-K2-Instruct config.json): 1,026,408,209,408 weights, 32,861,477,888 activated
+        (published: 1.04T / 32.6B; `python 02_mla.py --preset kimi-k2` reconciles them)."""
         base = dict(rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
                                       mscale_all_dim=1.0, original_max_position_embeddings=4096))
         return cls(**{**base, **overrides})
@@ -612,7 +622,8 @@ def update_router_biases_(model: Transformer, loads: torch.Tensor, speed: float)
 # ---- counting: parameters, KV cache, FLOPs ----
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, activated per token) weights of Transformer(cfg), built on the meta device (no memory).
+    """(total, activated per token) weights of Transformer(cfg), built on the meta device (PyTorch tensors with
+    shapes but no storage: a 1T-parameter model is counted without memory).
 
     Activated = everything a token touches: embedding row, attention, dense FFNs, router, shared expert, its
     num_experts_per_tok routed experts, final norm, head. Buffers (router bias, rope) are not weights.
@@ -650,6 +661,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "chinchill
       "mla_prefill": what MLA actually computes in a causal prefill of seq_len tokens: 2·avg_keys·H·(dn+dr+dv),
                      avg_keys = (seq_len+1)/2. Gives +77%.
       "mla_absorbed_decode": one decode step at position seq_len in latent space: 2·seq_len·H·(2r + dr). Gives +95%.
+      "mla_naive_decode": the same step, re-expanding the latent cache to per-head keys and values first:
+                     2·seq_len·H·(r·(dn + dv) + dn + dr + dv). Absorbed decode counts more FLOPs per token than
+                     prefill (every key, not (seq_len+1)/2 on average, each scored in the r-dim latent space) and far
+                     fewer than this re-expansion.
     """
     total, activated = count_params(cfg)
     H, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
@@ -660,8 +675,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "chinchill
         attn = 2 * (seq_len + 1) / 2 * H * (dn + dr + dv)
     elif convention == "mla_absorbed_decode":
         attn = 2 * seq_len * H * (2 * r + dr)
+    elif convention == "mla_naive_decode":
+        attn = 2 * seq_len * H * (r * (dn + dv) + dn + dr + dv)
     else:
-        raise ValueError(f"convention={convention!r}; allowed: 'chinchilla', 'mla_prefill', 'mla_absorbed_decode'")
+        raise ValueError(f"convention={convention!r}; allowed: 'chinchilla', 'mla_prefill', 'mla_absorbed_decode', "
+                         "'mla_naive_decode'")
     return 2.0 * activated + cfg.num_hidden_layers * attn
 
 
@@ -820,12 +838,131 @@ def _timeit(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+PRESETS = {"tiny": ModelConfig.tiny, "kimi-k2": ModelConfig.kimi_k2, "deepseek-v3": ModelConfig.deepseek_v3}
+PUBLISHED = {"kimi-k2": "1.04T / 32.6B (K2 report)", "deepseek-v3": "671B / 37B (DeepSeek-V3 report)"}
+
+
+def param_breakdown(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{component: (total, activated per token)} of Transformer(cfg), from its parameter names (meta device).
+
+    Activated counts as count_params does: all of every weight a token passes through, the whole embedding
+    matrix included (a lookup reads one row of it), and num_experts_per_tok / n_routed_experts of the routed experts.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    parts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            part = "input embedding"
+        elif "lm_head" in name:
+            part = "output head"
+        elif "self_attn" in name and "layernorm" not in name:
+            part = "attention (MLA projections)"
+        elif "mlp.experts" in name:
+            part = "routed experts"
+        elif "shared_experts" in name:
+            part = "shared experts"
+        elif "mlp.router" in name:
+            part = "routers"
+        elif ".mlp." in name:
+            part = "dense FFN (first layers)"
+        else:
+            part = "RMSNorm weights"
+        n = p.numel()
+        act = n * cfg.num_experts_per_tok // cfg.n_routed_experts if part == "routed experts" else n
+        t = parts.setdefault(part, [0, 0])
+        t[0], t[1] = t[0] + n, t[1] + act
+    return {k: (v[0], v[1]) for k, v in parts.items()}
+
+
+def mtp_layer_params(cfg: ModelConfig, own_embedding_and_head: bool = False) -> tuple[int, int]:
+    """(total, activated) of one multi-token-prediction (MTP) module of DeepSeek-V3's shape: a MoE decoder block,
+    the projection eh_proj (D x 2D) of [norm(h); norm(embedding)] and three RMSNorms; with its own copies of the
+    embedding and head if `own_embedding_and_head` (as DeepSeek-V3's checkpoint stores them). Not built here."""
+    D = cfg.hidden_size
+    with torch.device("meta"):
+        block = Block(cfg, cfg.first_k_dense_replace)  # a MoE layer
+    total = sum(p.numel() for p in block.parameters()) + 2 * D * D + 3 * D
+    idle = (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * D * cfg.moe_intermediate_size
+    extra = 2 * cfg.vocab_size * D if own_embedding_and_head else 0
+    return total + extra, total - idle + extra
+
+
+def _both(n: int) -> str:
+    return f"{n:,} ({_fmt(n)})"
+
+
+def reconcile_table(console, preset: str) -> None:
+    """The published total / activated next to what each counting convention gives, so the rounding is visible."""
+    from rich.table import Table
+
+    cfg = PRESETS[preset]()
+    total, act = count_params(cfg)
+    emb = head = cfg.vocab_size * cfg.hidden_size
+    m_total, m_act = mtp_layer_params(cfg)
+    t = Table(title=f"{preset}: published {PUBLISHED[preset]} vs counting conventions (weights, meta device)")
+    for col in ("count", "total", "activated / token"):
+        t.add_column(col, justify="right")
+    t.add_row("as built from config.json (embedding and head included)", _both(total), _both(act))
+    t.add_row("without the input embedding (a lookup, no matmul)", _both(total - emb), _both(act - emb))
+    t.add_row("without input embedding and output head", _both(total - emb - head), _both(act - emb - head))
+    t.add_row("+ 1 MTP layer (DeepSeek-V3 shape, embedding/head shared)", _both(total + m_total), _both(act + m_act))
+    if preset == "deepseek-v3":  # its checkpoint stores the MTP layer with its own embedding and head copies
+        mo_total, _ = mtp_layer_params(cfg, own_embedding_and_head=True)
+        t.add_row("+ 1 MTP layer with its own embedding and head (the checkpoint)", _both(total + mo_total), "-")
+    console.print(t)
+    if preset == "kimi-k2":
+        console.print("K2's config.json has num_nextn_predict_layers = 0 (no MTP layer) and the report does not say "
+                      "what its figures include. 1.04T matches only the count with one MTP layer (without it the "
+                      "total rounds to 1.03T); 32.6B matches none of these counts (nearest: 32.86B with embedding "
+                      "and head, 31.69B without the input embedding).")
+    else:
+        console.print("DeepSeek-V3's 671B is the main model without its MTP layer; its checkpoint, published as 685B, "
+                      "adds the MTP layer with its own embedding and head (684.49B counted here). 37B activated lies "
+                      "between the counts with (37.55B) and without (36.63B) the input embedding.")
+
+
+def breakdown_table(console, preset: str) -> None:
+    from rich.table import Table
+
+    cfg = PRESETS[preset]()
+    parts = param_breakdown(cfg)
+    total, act = count_params(cfg)
+    t = Table(title=f"{preset}: parameters by component ({cfg.num_hidden_layers} layers, "
+                    f"{cfg.first_k_dense_replace} dense; meta device: shapes only, no memory)")
+    for col in ("component", "total", "activated / token"):
+        t.add_column(col, justify="right")
+    for name, (n, a) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
+        t.add_row(name, _both(n), _both(a))
+    t.add_row("sum (count_params)", _both(total), _both(act))
+    console.print(t)
+
+
+def kv_table(console, models: list[tuple[str, ModelConfig]]) -> None:
+    from rich.table import Table
+
+    t = Table(title="KV cache per token (bf16 = 2 bytes/value; GQA = grouped-query attention, MHA = multi-head)")
+    for col in ("model", "attention", "values / token / layer", "KiB / token (all layers)", "vs MLA"):
+        t.add_column(col, justify="right")
+    for name, cfg in models:
+        mla = kv_cache_values_per_token(cfg)
+        g = next(g for g in (8, 4, 2, 1) if cfg.num_attention_heads % g == 0)
+        for kind, label, n_kv in (("mla", "MLA (c_kv + k_rope)", None), ("gqa", f"GQA, {g} kv heads", g),
+                                  ("mha", f"MHA, {cfg.num_attention_heads} heads", None)):
+            v = kv_cache_values_per_token(cfg, kind, n_kv)
+            t.add_row(name, label, f"{v:,}", f"{v * 2 * cfg.num_hidden_layers / 1024:,.1f}", f"{v / mla:.1f}x")
+    console.print(t)
+
+
+FLOP_CONVENTIONS = ("chinchilla", "mla_prefill", "mla_absorbed_decode", "mla_naive_decode")
+
+
 def demo_tables(console) -> None:
     from rich.table import Table
 
     k2, dsv3 = ModelConfig.kimi_k2(), ModelConfig.deepseek_v3()
     k2_128 = ModelConfig.kimi_k2(num_attention_heads=128)
-    t = Table(title="Parameter counts (meta device, no memory)")
+    t = Table(title="Parameter counts (meta device: shapes only, no memory)")
     for col in ("model", "total", "activated", "activated excl. embedding", "published"):
         t.add_column(col, justify="right")
     for name, cfg, pub in (("Kimi K2", k2, "1.04T / 32.6B"), ("Kimi K2, 128 heads", k2_128, "-"),
@@ -833,27 +970,39 @@ def demo_tables(console) -> None:
         total, act = count_params(cfg)
         t.add_row(name, f"{total:,}", f"{act:,}", f"{act - cfg.vocab_size * cfg.hidden_size:,}", pub)
     console.print(t)
-
-    t = Table(title="KV cache per token (bf16 = 2 bytes/value)")
-    for col in ("model", "attention", "values / token / layer", "KiB / token (all layers)", "vs MLA"):
-        t.add_column(col, justify="right")
-    for name, cfg in (("Kimi K2", k2), ("DeepSeek-V3", dsv3)):
-        mla = kv_cache_values_per_token(cfg)
-        for kind, label, g in (("mla", "MLA (c_kv + k_rope)", None), ("gqa", "GQA, 8 kv heads", 8),
-                               ("mha", f"MHA, {cfg.num_attention_heads} heads", None)):
-            v = kv_cache_values_per_token(cfg, kind, g)
-            t.add_row(name, label, f"{v:,}", f"{v * 2 * cfg.num_hidden_layers / 1024:,.1f}", f"{v / mla:.1f}x")
-    console.print(t)
+    reconcile_table(console, "kimi-k2")
+    kv_table(console, [("Kimi K2", k2), ("DeepSeek-V3", dsv3)])
 
     t = Table(title="Inference FLOPs per token, Kimi K2 with 64 vs 128 heads (384 experts)")
     for col in ("context", "convention", "64 heads", "128 heads", "128 / 64"):
         t.add_column(col, justify="right")
     for seq in (4096, 32768, 131072):
-        for conv in ("chinchilla", "mla_prefill", "mla_absorbed_decode"):
+        for conv in FLOP_CONVENTIONS:
             a, b = flops_per_token(k2, seq, conv), flops_per_token(k2_128, seq, conv)
             t.add_row(f"{seq // 1024}k", conv, _fmt(a), _fmt(b), f"{b / a:.3f}x (+{(b / a - 1) * 100:.0f}%)")
     console.print(t)
-    console.print("K2 report: 128 heads cost +83% inference FLOPs at 128k context. Conventions: see flops_per_token.")
+    console.print("K2 report: 128 heads cost +83% inference FLOPs at 128k context (the chinchilla rows). A decode "
+                  "step counts more FLOPs than a prefill token (it scores every past key, in the 512-dim latent "
+                  "space when absorbed) but far fewer than the naive decode that re-expands the cache; conventions: "
+                  "see flops_per_token.")
+
+
+def demo_preset(console, preset: str) -> None:
+    """--preset: one configuration's parameters by component, KV cache and FLOPs per token."""
+    from rich.table import Table
+
+    cfg = PRESETS[preset]()
+    breakdown_table(console, preset)
+    if preset in PUBLISHED:
+        reconcile_table(console, preset)
+    kv_table(console, [(preset, cfg)])
+    t = Table(title=f"{preset}: inference FLOPs per token (2 per multiply-add)")
+    for col in ("context", "convention", "FLOPs / token"):
+        t.add_column(col, justify="right")
+    for seq in [s for s in (4096, 32768, 131072) if s <= cfg.max_position_embeddings] or [cfg.max_position_embeddings]:
+        for conv in FLOP_CONVENTIONS:
+            t.add_row(f"{seq // 1024}k", conv, _fmt(flops_per_token(cfg, seq, conv)))
+    console.print(t)
 
 
 def demo_tiny(console, context: int, steps: int) -> None:
@@ -956,26 +1105,39 @@ def bench(console, repeats: int) -> None:
     console.print(t)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from rich.console import Console
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bench", action="store_true", help="time our training step vs transformers and absorbed vs naive")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved repeats per timing in --bench (median taken)")
-    p.add_argument("--context", type=int, default=2048, help="context length for the demo's decode-speed row")
-    p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per path (median) for the demo's speed row")
-    p.add_argument("--threads", type=int, default=1,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--bench", action="store_true",
+                      help="only time our training step vs transformers and absorbed vs naive decode")
+    mode.add_argument("--preset", choices=list(PRESETS), default=None,
+                      help="only print one configuration's parameters by component, KV cache and FLOPs (meta device)")
+    p.add_argument("--repeats", type=cli.positive_int, default=7,
+                   help="interleaved repeats per timing in --bench (median taken)")
+    p.add_argument("--context", type=cli.positive_int, default=2048,
+                   help="context length for the demo's decode-speed row")
+    p.add_argument("--decode-steps", type=cli.positive_int, default=16,
+                   help="decode steps timed per path (median) for the demo's speed row")
+    p.add_argument("--threads", type=cli.nonneg_int, default=1,
                    help="torch CPU threads (tiny models run best on 1; 0 = torch's default)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    limit = ModelConfig.tiny().max_position_embeddings
+    if args.context + args.decode_steps > limit:
+        p.error(f"argument --context: --context + --decode-steps = {args.context + args.decode_steps} exceeds the "
+                f"tiny model's max_position_embeddings {limit}")
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(width=max(shutil.get_terminal_size().columns, 130))
     if args.bench:
         bench(console, args.repeats)
-        return
-    demo_tables(console)
-    demo_tiny(console, args.context, args.decode_steps)
+    elif args.preset:
+        demo_preset(console, args.preset)
+    else:
+        demo_tables(console)
+        demo_tiny(console, args.context, args.decode_steps)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

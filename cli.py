@@ -24,13 +24,13 @@ import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each default once and keeps the description's line breaks. A usage line longer than three lines
+    """Shows each default once and keeps the description's line breaks. A usage longer than two lines
     (a chapter has dozens of flags) shrinks to `usage: prog [options]`, so an error is two short lines; `--help`
     still lists every flag below it."""
 
     def _format_usage(self, usage, actions, groups, prefix):
         text = super()._format_usage(usage, actions, groups, prefix)
-        if usage is None and text.strip().count("\n") > 2:
+        if usage is None and text.strip().count("\n") > 1:
             pos = " ".join(a.metavar if isinstance(a.metavar, str) else a.dest for a in actions if not a.option_strings)
             text = super()._format_usage(f"%(prog)s [options] {pos}".rstrip(), actions, groups, prefix)
         return text

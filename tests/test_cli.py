@@ -21,7 +21,7 @@ import cli
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["01_moe.py", "02_mla.py", "03_muonclip.py", "04_parallel.py", "05_data.py", "06_rl.py",
            "sandbox.py", "train.py", "bench.py"]
-PENDING = {"02_mla.py", "03_muonclip.py", "05_data.py"}  # moving onto the convention (issue 11), one at a time
+PENDING = {"03_muonclip.py", "05_data.py"}  # moving onto the convention (issue 11), one at a time
 PRESENT = [s for s in SCRIPTS if (ROOT / s).exists() and s not in PENDING]
 
 # (script, argv, flag the error must name). "README.md" is a file where a directory is needed; "tests" a directory
@@ -42,6 +42,14 @@ BAD = [
     ("01_moe.py", ["--sparsity-sweep", "--figures-dir", "README.md"], "--figures-dir"),
     ("01_moe.py", ["--sparsity-sweep", "--eval-every", "700"], "--eval-every"),
     ("01_moe.py", ["--bench", "--preset", "kimi-k2"], "--preset"),
+    ("02_mla.py", ["--context", "0"], "--context"),
+    ("02_mla.py", ["--context", "-1"], "--context"),
+    ("02_mla.py", ["--context", "9000"], "--context"),  # past the tiny model's 8192 positions
+    ("02_mla.py", ["--decode-steps", "0"], "--decode-steps"),
+    ("02_mla.py", ["--repeats", "x"], "--repeats"),
+    ("02_mla.py", ["--threads", "-2"], "--threads"),
+    ("02_mla.py", ["--preset", "kimi"], "--preset"),
+    ("02_mla.py", ["--preset", "tiny", "--bench"], "--bench"),
 ]
 
 
