@@ -27,8 +27,9 @@ Design choices
 - The tool-use "expert" is scripted and knows the plan, but makes the mistakes models make (bad JSON,
   wrong argument types, unknown tools, giving up after a transient failure, arithmetic slips); errors
   come back as schema-validated tool messages, and the judge decides what is kept.
-- The sandbox uses what Linux gives a root process: namespaces (net, pid, mount), an unprivileged uid,
-  rlimits, a process group and a wall-clock timer. Without root it degrades and says so in the result.
+- The sandbox (sandbox.py, its own module since chapter 6 needs it too) composes bubblewrap: per program its
+  own namespaces, a read-only root with only Python, a bounded tmpfs work dir, a uid and pids cgroup per
+  concurrent slot, seccomp and rlimits. Without root or bwrap it degrades and says so in the result.
 
 Simplified vs K2
 - Rewriter: K2 uses a large LM with tuned prompts; ours is a template paraphraser (or a tiny LM via the
@@ -54,30 +55,27 @@ Run:
     python 05_data.py --help
     python 05_data.py                          # pipeline counts + one trajectory (seconds)
     python 05_data.py --rephrase-experiment    # Table 1 in miniature (a few minutes on 2 CPU cores)
+    python 05_data.py --sandbox-demo           # + hostile programs through the sandbox, pool throughput
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import functools
 import importlib
 import json
 import math
 import os
 import random
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+import sandbox
 
 # ---- tokenizer and chat template ----
 
@@ -542,225 +540,10 @@ def check_math_note(p: MathProblem, note: str) -> str | None:
 
 # ---- the execution sandbox ----
 
-# Runs inside the new namespaces as their PID 1, still root: hide writable and private directories behind
-# empty read-only tmpfs mounts, bind back only the work dir and the Python install, set rlimits, drop to
-# the unprivileged uid, then exec a fresh isolated interpreter on main.py (which becomes PID 1).
-_BOOTSTRAP = r"""
-import ctypes, json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-if cfg["mount"]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    def mount(src, dst, fstype, flags, data=None):
-        enc = lambda s: s.encode() if s else None
-        if libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)) != 0:
-            err = ctypes.get_errno()
-            sys.exit(f"sandbox setup: mount {dst}: {os.strerror(err)}")
-    MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
-    keep = [(p, os.open(p, os.O_PATH), ro) for p, ro in cfg["keep"]]
-    for d in cfg["hide"]:
-        mount("tmpfs", d, "tmpfs", 0, "size=64k,mode=0755")
-    for p, fd, ro in keep:
-        os.makedirs(p, exist_ok=True)
-        mount(f"/proc/self/fd/{fd}", p, None, MS_BIND)
-        if ro:
-            mount(None, p, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-        os.close(fd)
-    for d in cfg["hide"]:
-        mount(None, d, None, MS_REMOUNT | MS_RDONLY)
-os.chdir(cfg["workdir"])
-for name, value in cfg["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-if cfg["uid"] is not None:
-    os.setgroups([])
-    os.setgid(cfg["uid"])
-    os.setuid(cfg["uid"])
-    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG=SIGKILL again: changing uid cleared unshare's setting
-os.execve(cfg["python"], [cfg["python"], "-I", "-S", "-B", "main.py"], cfg["env"])
-"""
-SANDBOX_UID = 65534  # "nobody": owns no files, so it can write only where everything may write
-
-
-@dataclass
-class SandboxResult:
-    ok: bool                  # exited 0, in time, within limits
-    exit_code: int | None     # negative = killed by that signal (as subprocess reports it)
-    timed_out: bool
-    killed_for_memory: bool
-    output_truncated: bool
-    stdout: str
-    stderr: str
-    wall_s: float
-    isolation: tuple = ()     # the layers actually applied
-    degraded: str = ""        # why a layer is missing, "" when all were applied
-
-
-@functools.lru_cache(maxsize=None)
-def _namespaces_available() -> tuple[bool, str]:
-    """Root + util-linux unshare that can really create the namespaces (probed once, on first use)."""
-    unshare = shutil.which("unshare")
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return False, ("not root: no namespaces and no uid switch (the network stays open, files the user can "
-                       "write are writable, same-uid processes and /proc/<pid>/environ reachable)")
-    if not unshare:
-        return False, "unshare not found: no network/pid/mount namespaces"
-    r = subprocess.run([unshare, "--mount", "--net", "--pid", "--fork", "true"], capture_output=True)
-    if r.returncode != 0:
-        return False, f"unshare failed ({r.stderr.decode(errors='replace').strip()}): no namespaces"
-    return True, ""
-
-
-def _count_procs(uid: int) -> int:
-    n = 0
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            n += os.stat(f"/proc/{d}").st_uid == uid
-        except OSError:
-            pass
-    return n
-
-
-def _others_can_run(path: str) -> bool:
-    """Can a uid with no special rights reach and execute `path` (every parent dir o+x, the file o+rx)?"""
-    parts = os.path.abspath(path).split("/")
-    dirs = ["/".join(parts[:i]) or "/" for i in range(1, len(parts))]
-    return all(os.stat(d).st_mode & 0o001 for d in dirs) and os.stat(path).st_mode & 0o005 == 0o005
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    return kids
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL the process group, then the namespace init (the kernel then kills every process in its PID
-    namespace). Children are looked up first: once `pid` dies they are re-parented and harder to find."""
-    kids = _children(pid)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for kid in kids:
-        try:
-            os.kill(kid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, files: dict | None = None,
-                  max_output: int = 65536, max_procs: int = 32, max_files: int = 64, file_mb: int = 16,
-                  env: dict | None = None, uid: int = SANDBOX_UID, namespaces: bool = True) -> SandboxResult:
-    """Run untrusted Python `code` as main.py in a fresh directory, isolated as far as this machine allows.
-
-    Guarantees (as root with util-linux `unshare`; `isolation` lists what was applied):
-    - a separate `python -I -S -B` process (no site-packages, no user site, no PYTHON* env vars honoured);
-    - a fresh temporary working directory, deleted afterwards; `files` are written into it first;
-    - an empty environment apart from PATH/LANG/HOME/TMPDIR and `env` (the parent's secrets are not inherited);
-    - network namespace: only a loopback that is down, so no connection to anything, localhost included;
-    - PID namespace: when main.py (its PID 1) exits or is killed, the kernel kills every descendant,
-      including daemons that double-forked or called setsid;
-    - mount namespace: /tmp, /var/tmp, /dev/shm, /root, /home and $HOME become empty read-only tmpfs;
-      only the work dir and the Python install are bound back, so files can be written only in the work dir;
-    - an unprivileged uid (nobody), so RLIMIT_NPROC applies and root-only files and /proc/<pid>/environ of
-      other users are unreadable;
-    - rlimits: CPU seconds, address space (memory_mb), file size, process count, open files, no core dumps;
-    - a wall-clock timeout that SIGKILLs the namespace init and the whole process group;
-    - stdout/stderr capped at max_output bytes each; a flood beyond that kills the program (truncated=True).
-
-    Not protected against (a process sandbox is not a VM or a container runtime):
-    - kernel exploits and anything else that attacks the shared kernel (no seccomp filter, no gVisor);
-    - reading world-readable files (the rest of the file system is visible, read-only to it in effect);
-    - CPU and memory contention with the host (rlimits cap one process; no cgroup caps the whole tree,
-      and RLIMIT_AS limits virtual, not resident, memory); RLIMIT_NPROC counts every process of the
-      sandbox uid, so concurrent sandboxes share one budget;
-    - side channels, timing, and resource exhaustion of shared kernel objects.
-    Without unshare (or with namespaces=False) it keeps the uid switch, rlimits, process group and scrubbed
-    env; without root also no uid switch. `degraded` then says what is missing.
-    """
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s: must be > 0, got {timeout_s}")
-    if memory_mb < 32:
-        raise ValueError(f"memory_mb: must be >= 32 (the interpreter itself needs it), got {memory_mb}")
-    use_ns, why = _namespaces_available()
-    if not namespaces:
-        use_ns, why = False, "namespaces=False: no network/pid/mount namespaces"
-    root = hasattr(os, "geteuid") and os.geteuid() == 0
-    python = os.path.realpath(sys.executable)
-    if root and not use_ns and not _others_can_run(python):
-        root, why = False, why + f"; {python} is not reachable by uid {uid}, so no uid switch (runs as root!)"
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="sandbox-"))
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {}), "HOME": workdir, "TMPDIR": workdir}
-    rlimits = {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": file_mb << 20,
-               "RLIMIT_NOFILE": max_files, "RLIMIT_CORE": 0}
-    hide = [d for d in dict.fromkeys(["/tmp", "/var/tmp", "/dev/shm", "/root", "/home", os.path.expanduser("~")])
-            if os.path.isdir(d) and d != "/"]
-    keep = [(workdir, False)] + [(p, True) for p in dict.fromkeys([sys.base_prefix, os.path.dirname(python)])
-                                 if any(p.startswith(h + "/") for h in hide)]
-    keep = [(p, ro) for p, ro in keep if not any(p != q and p.startswith(q + "/") for q, _ in keep)]
-    cfg = {"mount": use_ns, "hide": hide, "keep": keep, "workdir": workdir, "python": python, "env": env,
-           "rlimits": rlimits, "uid": uid if root else None}
-    # RLIMIT_NPROC counts every process of the real uid and root ignores it: switch uid, or add our own count.
-    rlimits["RLIMIT_NPROC"] = max_procs if root else _count_procs(os.getuid()) + max_procs
-    cmd = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child"] if use_ns else []
-    isolation = ("process", "env", "rlimits", "pgroup") + (("netns", "pidns", "mountns") if use_ns else ()) + (
-        (f"uid={uid}",) if root else ())
-    with open(os.path.join(workdir, "main.py"), "w") as f:
-        f.write(code)
-    for name, text in (files or {}).items():
-        path = os.path.realpath(os.path.join(workdir, name))
-        if not path.startswith(workdir + "/"):
-            raise ValueError(f"files: {name!r} would land outside the work dir")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-    if root:
-        for top, dirs, fs in os.walk(workdir):
-            for n in [""] + dirs + fs:
-                os.chown(os.path.join(top, n), uid, uid)
-
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd + [python, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)], cwd=workdir, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    flood = threading.Event()
-    outs = {"stdout": bytearray(), "stderr": bytearray()}
-
-    def reader(stream, buf):
-        while chunk := stream.read1(65536):
-            take = max(0, max_output - len(buf))
-            buf.extend(chunk[:take])
-            if len(chunk) > take:
-                flood.set()
-                _kill_tree(proc.pid)  # the process group is proc.pid (start_new_session)
-
-    threads = [threading.Thread(target=reader, args=(getattr(proc, k), outs[k]), daemon=True) for k in outs]
-    for t in threads:
-        t.start()
-    timed_out = False
-    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:  # exited, not reaped
-        if time.monotonic() - t0 > timeout_s:
-            timed_out = True
-            _kill_tree(proc.pid)
-            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-            break
-        time.sleep(0.005)
-    _kill_tree(proc.pid)  # leftovers in the group; safe: the unreaped leader keeps the group id ours
-    code_ = proc.wait()
-    for t in threads:
-        t.join(timeout=2.0)
-    wall = time.monotonic() - t0
-    shutil.rmtree(workdir, ignore_errors=True)
-    out, err = (outs[k].decode("utf-8", "replace") for k in ("stdout", "stderr"))
-    oom = any(s in err for s in ("MemoryError", "Cannot allocate memory", "std::bad_alloc"))
-    ok = code_ == 0 and not (timed_out or flood.is_set() or oom)
-    return SandboxResult(ok, code_, timed_out, oom, flood.is_set(), out, err, wall, isolation, why)
+# The sandbox is a module of its own (sandbox.py): bubblewrap namespaces, a read-only root, a bounded tmpfs
+# work dir, a uid and a pids cgroup per concurrent slot, seccomp, rlimits. This chapter runs the code tasks'
+# tests with run_sandboxed; chapter 6 scores many rollouts at once with run_many.
+SandboxResult, run_sandboxed, run_many = sandbox.SandboxResult, sandbox.run_sandboxed, sandbox.run_many
 
 
 # ---- agentic synthesis: tool specs and schema validation ----
@@ -1505,17 +1288,6 @@ def rephrase_experiment(n_entities: int = 160, n: int = 10, repeat: int = 10, qa
 
 # ---- demo ----
 
-SANDBOX_DEMO = {
-    "prints hello": "print('hello from the sandbox')",
-    "infinite loop": "while True:\n    pass",
-    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-    "memory bomb": "x = []\nwhile True:\n    x.append(bytearray(10**7))",
-    "output flood": "while True:\n    print('x' * 1000)",
-    "write /etc/passwd_copy": "open('/etc/passwd_copy', 'w').write('pwned')",
-    "connect to localhost:22": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
-}
-
-
 def pretraining_data_counts(seed: int = 0, n_entities: int = 32, n_math: int = 40) -> list[tuple]:
     """Stage counts for the pretraining side: world -> documents -> chunk-wise rephrasing -> fidelity."""
     tok, world, rng = Tokenizer(), KnowledgeWorld(n_entities, seed=seed), random.Random(seed)
@@ -1627,16 +1399,8 @@ def main(argv=None):
         m["role"] == "tool" and "error" in m["content"] for m in r["messages"])), kept[0])
     show_trajectory(console, pick, tok)
     if args.sandbox_demo:
-        st = Table(title="run_sandboxed on hostile programs (timeout 2 s, 128 MiB, 32 processes)")
-        for col in ("program", "ok", "exit", "timed out", "memory", "truncated", "wall s", "last output line"):
-            st.add_column(col)
-        for name, code in SANDBOX_DEMO.items():
-            r = run_sandboxed(code, timeout_s=2.0, memory_mb=128, max_procs=32)
-            last = (r.stderr.strip().splitlines() or [r.stdout.strip()[:40]])[-1][:60]
-            st.add_row(name, str(r.ok), str(r.exit_code), str(r.timed_out), str(r.killed_for_memory),
-                       str(r.output_truncated), f"{r.wall_s:.2f}", last)
-        console.print(st)
-        console.print(f"isolation: {', '.join(r.isolation)}" + (f"; degraded: {r.degraded}" if r.degraded else ""))
+        sandbox.hostile_table(console)
+        sandbox.throughput_table(console, n=32, workers=(4,), repeats=5)
     console.print(f"done in {time.time() - t0:.1f} s")
 
 
