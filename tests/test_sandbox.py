@@ -8,7 +8,6 @@ test also checks that nothing survives: no process carrying its marker, no work 
 import os
 import socket
 import sys
-import tempfile
 import time
 import uuid
 
@@ -63,27 +62,36 @@ def _procs_with(marker: str) -> list[int]:
 
 
 def _leftovers() -> list[str]:
-    """Work dirs, mounts and slot cgroups a run could leave on the host (lock files are expected)."""
+    """Work dirs, mounts and slot cgroups a finished run left on the host. Another process's live sandbox
+    holds its slot's lock, so an entry counts only if its slot can be locked now (then nobody is using it)."""
+    import fcntl
     left = []
-    if os.path.isdir(sandbox.STATE_DIR):
-        left += [n for n in os.listdir(sandbox.STATE_DIR) if not n.endswith(".lock")]
-    with open("/proc/self/mounts") as f:
-        left += [line.split()[1] for line in f if sandbox.STATE_DIR in line]
+    if not os.path.isdir(sandbox.STATE_DIR):
+        return left
     parent = sandbox._pids_cgroup_parent()
-    if parent:
-        left += [n for n in os.listdir(parent) if n.startswith("k2-sandbox-")]
-    tmp = tempfile.gettempdir()
-    left += [n for n in os.listdir(tmp) if n.startswith("sandbox-")]
+    cgroups = [n for n in os.listdir(parent) if n.startswith("k2-sandbox-")] if parent else []
+    for n in range(sandbox.MAX_SLOTS):
+        lock = os.path.join(sandbox.STATE_DIR, f"slot-{n}.lock")
+        if not os.path.exists(lock):
+            continue
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.exists(os.path.join(sandbox.STATE_DIR, f"work-{n}")) or f"k2-sandbox-{n}" in cgroups:
+                left.append(f"slot {n}")
+        except BlockingIOError:
+            pass  # in use right now by a live sandbox
+        finally:
+            os.close(fd)
     return left
 
 
 @pytest.fixture
 def marker():
     m = f"k2sbx-{uuid.uuid4().hex}"
-    before = _leftovers()
     yield m
     assert _procs_with(m) == [], "a sandboxed process survived"
-    assert _leftovers() == before, "a run left state behind"
+    assert _leftovers() == [], "a run left state behind"
 
 
 def _run(code, marker, **kw):
