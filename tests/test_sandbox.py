@@ -8,6 +8,7 @@ test also checks that nothing survives: no process carrying its marker, no work 
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 
@@ -214,3 +215,306 @@ def test_run_many_keeps_order_applies_defaults_and_isolates_bad_programs(marker)
     with pytest.raises(ValueError, match="max_workers"):
         sandbox.run_many(["pass"], max_workers=0)
     assert sandbox.run_many([]) == []
+
+
+# ---- escapes: to the host ----
+
+def _world_writable_host_dirs(max_depth: int = 3) -> list[str]:
+    """World-writable directories on this host, up to max_depth levels below / (no /proc, /sys)."""
+    found, stack = [], [("/", 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                subs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for s in subs:
+            if s in ("/proc", "/sys"):
+                continue
+            try:
+                if os.stat(s).st_mode & 0o002:
+                    found.append(s)
+            except OSError:
+                continue
+            if depth + 1 < max_depth:
+                stack.append((s, depth + 1))
+    return sorted(found)
+
+
+@linux_only
+def test_nothing_but_the_work_dir_is_writable(marker):
+    full_isolation()
+    host_dirs = _world_writable_host_dirs()
+    assert "/tmp" in host_dirs  # the probe must be able to find what it looks for
+    name = f"k2-escape-{marker}"
+    code = f"""
+import os
+writable, sockets = [], []
+for top, dirs, files in os.walk("/"):
+    if top == "/proc":
+        dirs[:] = []
+        continue
+    try:
+        fd = os.open(os.path.join(top, {name!r}), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(os.path.join(top, {name!r}))
+        writable.append(top)
+    except OSError:
+        pass
+    for f in files:
+        try:
+            if os.stat(os.path.join(top, f), follow_symlinks=False).st_mode & 0o170000 == 0o140000:
+                sockets.append(os.path.join(top, f))
+        except OSError:
+            pass
+escaped = []
+for d in {host_dirs!r}:
+    try:
+        open(os.path.join(d, {name!r}), "w").write("x")
+        escaped.append(d)
+    except OSError:
+        pass
+print(writable, sockets, escaped)
+"""
+    r, _ = _run(code, marker, timeout_s=20)
+    assert r.ok, r.stderr
+    assert r.stdout.strip() == "['/work'] [] []", r.stdout  # only /work; no socket file in view; no host dir
+    for d in host_dirs:
+        assert not os.path.exists(os.path.join(d, name)), d
+
+
+@linux_only
+def test_host_socket_files_are_unreachable(marker):
+    full_isolation()
+    servers, paths = [], []
+    for d in ("/tmp", "/run/lock", "/dev/shm"):
+        if not os.path.isdir(d):
+            continue
+        p = os.path.join(d, f"k2-sock-{marker[-8:]}")
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(p)
+        os.chmod(p, 0o777)
+        s.listen(4)
+        s.setblocking(False)
+        servers.append(s)
+        paths.append(p)
+    code = (f"import socket\nfor p in {paths!r}:\n    s = socket.socket(socket.AF_UNIX)\n    try:\n"
+            "        s.connect(p)\n        print('connected', p)\n    except OSError as e:\n"
+            "        print(type(e).__name__)\n")
+    try:
+        r, _ = _run(code, marker, timeout_s=5)
+        assert r.ok and "connected" not in r.stdout
+        assert r.stdout.split() == ["FileNotFoundError"] * len(paths)  # the paths do not exist in its root
+        for s in servers:
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    finally:
+        for s, p in zip(servers, paths):
+            s.close()
+            os.unlink(p)
+
+
+@linux_only
+def test_privileges_are_gone_and_the_filter_holds(marker):
+    full_isolation()
+    code = r"""
+import ctypes, errno, os
+st = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+print({k: st[k].strip() for k in ("NoNewPrivs", "Seccomp", "CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh")})
+print(os.getuid(), os.getgid(), os.getgroups())
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    r = libc.syscall(nr, *args)
+    return errno.errorcode.get(ctypes.get_errno(), "?") if r == -1 else r
+print(call(272, 0x10000000), call(101, 0), call(250, 0, -3), call(248, b"user", b"k", b"v", 1, -3),
+      call(435, 0, 0), call(56, 0x10000000 | 17, 0, 0, 0, 0), call(321, 0, 0, 0))
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+print(os.waitpid(pid, 0)[1])
+"""
+    r, _ = _run(code, marker, timeout_s=5)
+    assert r.ok, r.stderr
+    caps, ids, calls, fork = r.stdout.splitlines()
+    assert caps == str({"NoNewPrivs": "1", "Seccomp": "2", "CapEff": "0" * 16, "CapPrm": "0" * 16,
+                        "CapBnd": "0" * 16, "CapAmb": "0" * 16, "CapInh": "0" * 16})
+    uid = int(ids.split()[0])
+    assert sandbox.SLOT_UID_BASE <= uid < sandbox.SLOT_UID_BASE + sandbox.MAX_SLOTS
+    assert ids == f"{uid} {uid} []"
+    # unshare(NEWUSER), ptrace, keyctl, add_key: EPERM; clone3: ENOSYS (libc falls back); clone(NEWUSER): EPERM
+    assert calls.split() == ["EPERM", "EPERM", "EPERM", "EPERM", "ENOSYS", "EPERM", "EPERM"]
+    assert fork == "0"  # a plain fork still works
+
+
+@linux_only
+def test_config_never_appears_on_a_command_line(marker):
+    full_isolation()
+    secret = f"env-secret-{uuid.uuid4().hex}"
+    import threading
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=_run("import time\ntime.sleep(1.5)\nprint('done')",
+                                                          marker, env={"TOKEN": secret}, timeout_s=10)[0]))
+    t.start()
+    seen_running = in_argv = 0
+    while t.is_alive():
+        for p in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    argv = f.read()
+                with open(f"/proc/{p}/environ", "rb") as f:
+                    seen_running += marker.encode() in f.read()
+            except OSError:
+                continue
+            in_argv += secret.encode() in argv or marker.encode() in argv
+        time.sleep(0.05)
+    t.join()
+    assert out["r"].ok and out["r"].stdout == "done\n"
+    assert seen_running > 0, "the scan never saw the sandboxed program running"
+    assert in_argv == 0, "the environment given to the sandbox appeared on a command line"
+
+
+@linux_only
+def test_ipc_objects_and_keys_do_not_survive_or_leak(marker):
+    full_isolation()
+    key = int(marker[-6:], 16) | 0x10000000
+    qname = f"/k2q-{marker[-8:]}"
+    make = f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.shmget({key}, 4096, 0o1600) >= 0, libc.msgget({key}, 0o1600) >= 0, libc.semget({key}, 1, 0o1600) >= 0,
+      libc.mq_open({qname.encode()!r}, os.O_CREAT | os.O_RDWR, 0o600, None) >= 0,
+      libc.syscall(248, b"user", b"k2", b"v", 1, -3) >= 0)
+"""
+    look = f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.shmget({key}, 0, 0) >= 0, libc.msgget({key}, 0) >= 0, libc.semget({key}, 0, 0) >= 0,
+      libc.mq_open({qname.encode()!r}, os.O_RDONLY) >= 0)
+"""
+    ipc_before = _sysvipc()
+    r1, _ = _run(make, marker, timeout_s=5)
+    assert r1.ok and r1.stdout.split() == ["True", "True", "True", "True", "False"], r1  # add_key: refused
+    assert _sysvipc() == ipc_before and not any(f"{key:10d}" in line for line in ipc_before)
+    r2, _ = _run(look, marker, timeout_s=5)
+    assert r2.ok and r2.stdout.split() == ["False"] * 4, r2  # the next sandbox sees none of them
+    with open("/proc/key-users") as f:
+        users = [int(line.split(":")[0]) for line in f]
+    assert not [u for u in users if sandbox.SLOT_UID_BASE <= u < sandbox.SLOT_UID_BASE + sandbox.MAX_SLOTS]
+
+
+def _sysvipc() -> list[str]:
+    lines = []
+    for kind in ("shm", "msg", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            lines += [f"{kind} {line}" for line in f.read().splitlines()[1:]]
+    return lines
+
+
+# ---- escapes: between sandboxes ----
+
+@linux_only
+def test_a_sandbox_cannot_reach_a_concurrent_one(marker, tmp_path):
+    full_isolation()
+    secret = f"victim-{uuid.uuid4().hex}"
+    host_file = tmp_path / f"host-{marker}"
+    host_file.write_text("host")
+    os.chmod(tmp_path, 0o755)
+    victim = ("import os, time\nverdict = 'PASS'\nopen('verdict', 'w').write('PASS')\ntime.sleep(2.5)\n"
+              "print(verdict, open('verdict').read(), os.environ['SECRET'] == " + repr(secret) + ")\n")
+    attacker = f"""
+import glob, os, time
+time.sleep(0.5)
+found = []
+pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+for p in set(pids) - {{os.getpid()}}:
+    for what in ("environ", "cmdline"):
+        try:
+            if b"victim-" in open(f"/proc/{{p}}/{{what}}", "rb").read():
+                found.append((p, what))
+        except OSError:
+            pass
+    for what in ("mem", "root/work/verdict", "cwd/verdict", "root/tmp", "cwd"):
+        try:
+            open(f"/proc/{{p}}/{{what}}", "r+b").close()
+            found.append((p, what, "opened rw"))
+        except OSError:
+            pass
+found += glob.glob("/proc/*/root{host_file}") + glob.glob("/proc/*/root/proc/*/root{host_file}")
+found += glob.glob("{sandbox.STATE_DIR}/*") + glob.glob("/proc/*/root{sandbox.STATE_DIR}/*")
+print(len(pids), found)
+"""
+    rs = sandbox.run_many([{"code": victim, "env": {"SECRET": secret, "MARKER": marker}}, attacker],
+                          max_workers=2, env={"MARKER": marker}, timeout_s=10)
+    assert rs[0].ok and rs[0].stdout == "PASS PASS True\n", rs[0]
+    assert rs[1].ok and rs[1].stdout == "2 []\n", rs[1]  # sees bwrap's PID 1 and itself, nothing else
+    assert secret not in rs[1].stdout + rs[1].stderr
+
+
+# ---- what the program leaves: a tree that breaks cleanup, a full work dir ----
+
+@linux_only
+@pytest.mark.parametrize("namespaces", [True, False])
+def test_a_deep_tree_cannot_break_cleanup(marker, namespaces):
+    code = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')\n"
+    r, _ = _run(code, marker, timeout_s=20, namespaces=namespaces, disk_files=4000)
+    assert r.ok and r.stdout == "deep\n", r.stderr
+
+
+@linux_only
+def test_rmtree_deletes_any_depth_without_recursion(tmp_path):
+    from pathlib import Path
+    base = Path(tempfile.mkdtemp(dir="/dev/shm")) if os.path.isdir("/dev/shm") else tmp_path  # fast rmdir
+    top = base / "tree"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(3000):  # deeper than PATH_MAX allows to name and than Python's recursion limit
+        os.mkdir("d", dir_fd=fd)
+        if i % 500 == 0:
+            os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+            os.symlink("/etc", "link", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+    sandbox._rmtree(str(top))
+    assert not top.exists() and os.path.isdir("/etc")
+    sandbox._rmtree(str(base))
+
+
+@linux_only
+def test_work_dir_is_bounded_in_bytes_and_files(marker):
+    if os.geteuid() != 0 or not sandbox._host().root:
+        pytest.skip("the bounded tmpfs work dir needs root (mount)")
+    fill = "f = open('big', 'wb')\nwhile True:\n    f.write(b'x' * 2**20)\n"
+    files = "i = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1\n"
+    r, _ = _run(fill, marker, timeout_s=10, disk_mb=8, file_mb=64)
+    assert r.disk_full and not r.too_many_files and not r.ok and "No space left" in r.stderr
+    r, _ = _run(files, marker, timeout_s=10, disk_files=100)
+    assert r.too_many_files and not r.disk_full and not r.ok and "f98" in r.stderr  # main.py and / use 2
+    r, _ = _run("open('small', 'w').write('x' * 1000)", marker, disk_mb=8, disk_files=100)
+    assert r.ok and not r.disk_full and not r.too_many_files
+
+
+# ---- many at once, as RL runs them ----
+
+@linux_only
+@pytest.mark.slow
+def test_sixteen_at_once_with_a_fork_bomb_and_a_memory_bomb(marker):
+    full_isolation()
+    fork_bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    memory_bomb = "x = []\nwhile True:\n    x.append(bytearray(10**7))\n"
+    normal = ("import os\nk = {k}\nopen('n', 'w').write(str(k))\npid = os.fork()\nif pid == 0:\n"
+              "    print(sum(i * i for i in range(k * 1000)), flush=True)\n    os._exit(0)\n"
+              "os.waitpid(pid, 0)\nprint(open('n').read(), os.getpid())\n")
+    programs = [{"code": fork_bomb, "timeout_s": 3.0}, {"code": memory_bomb, "memory_mb": 128}]
+    programs += [normal.format(k=k) for k in range(2, 16)]
+    ipc_before = _sysvipc()
+    rs = sandbox.run_many(programs, max_workers=16, env={"MARKER": marker}, timeout_s=30, max_procs=32)
+    assert rs[0].timed_out and not rs[0].ok
+    assert rs[1].killed_for_memory and not rs[1].ok
+    for k, r in zip(range(2, 16), rs[2:]):
+        assert r.ok and r.stdout == f"{sum(i * i for i in range(k * 1000))}\n{k} 2\n", (k, r)
+    uids = {next(x for x in r.isolation if x.startswith("uid=")) for r in rs}
+    assert len(uids) == 16 and not any(r.degraded for r in rs)  # a uid of its own for each
+    assert _sysvipc() == ipc_before
