@@ -3,7 +3,8 @@
 What it is. A Mixture-of-Experts (MoE) layer replaces one big feed-forward network (FFN) by many small ones,
 the experts, and a router that sends each token to only a few of them. The model then has many parameters
 (capacity to store knowledge) while each token pays for only the few experts it visits (compute). The ratio
-total experts / activated experts is the *sparsity*.
+total experts / activated experts is the *sparsity*. Each expert is a SwiGLU FFN, W_down(silu(W_gate x) ⊙ W_up x):
+a two-layer network whose hidden units are gated elementwise by a second projection (Shazeer 2020).
 
 Why K2 uses it. Kimi K2 has 384 routed experts, activates 8 per token plus 1 shared expert that every token
 visits: sparsity 384 / 8 = 48, 1.04T parameters in total, 32.6B activated. The report's sparsity scaling law
@@ -48,7 +49,8 @@ Design choices
 
 Simplified vs K2
 - Real sizes differ (K2: D = 7168, F = 2048, 384 experts); `--preset kimi-k2` builds the real layer on the meta
-  device and prints its parameter counts.
+  device (PyTorch tensors with shapes but no storage, so a 17B-parameter layer costs no memory) and prints its
+  parameter counts.
 - No expert parallelism or token dropping here (chapter 4 shards experts); DeepSeek-V3 drops none either.
 - The demos train a minimal language model local to this file (embedding, a causal token-shift, one MoE, a
   head); the real decoder with MLA attention is chapter 2.
@@ -69,7 +71,7 @@ References
 
 Run:
     python 01_moe.py --help
-    python 01_moe.py                      # load balance with and without the bias update
+    python 01_moe.py                      # load balance with and without the bias update (15-30 s on 2 cores)
     python 01_moe.py --sparsity-sweep     # sparsity scaling law in miniature (+ figures/sparsity_scaling.png)
     python 01_moe.py --bench              # fast dispatch vs dense SwiGLU vs transformers' DeepseekV3MoE
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824 \

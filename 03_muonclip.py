@@ -5,7 +5,7 @@ momentum like SGD, but before applying it replaces the momentum matrix M = U S V
 "orthogonal part" U Vᵀ: every direction the gradient points in gets the same step size, so rare
 directions are not drowned out by the dominant ones. U Vᵀ is computed with five Newton-Schulz
 iterations (only matmuls, no SVD). Moonlight (arXiv:2502.16982) made it scale: add weight decay and
-scale the update by 0.2·√max(A, B) so its RMS matches AdamW's (about 0.2); then AdamW's lr and weight
+scale the update by 0.2·√max(A, B) so its RMS (root mean square) matches AdamW's (about 0.2); then AdamW's lr and weight
 decay carry over, and Muon reaches the same loss with about 52% of AdamW's training FLOPs.
 
 Kimi K2 (arXiv:2507.20534, §2.1) found one failure when scaling Muon up: attention logits explode.
@@ -22,7 +22,7 @@ Design choices
   that every parameter lands in exactly one group.
 - `MuonClip` is one `torch.optim.Optimizer` with two kinds of param groups (`use_muon` True/False), so
   LR schedulers, `state_dict` and `load_state_dict` work as usual; QK-Clip runs inside `step()`.
-- Momentum in the textbook form M ← μM + G (torch.optim.Muon keeps the EMA (1-μ)-scaled form; the
+- Momentum in the textbook form M ← μM + G (torch.optim.Muon keeps the exponential-moving-average (EMA) form M ← μM + (1-μ)G; the
   Newton-Schulz normalisation makes the two identical up to eps, and a test checks it).
 - Newton-Schulz in fp32 by default (we run on CPUs; bf16 is what GPUs use and an option here).
 - 3-D expert stacks (E, out, in) are orthogonalised per expert matrix, batched over E.
@@ -33,7 +33,8 @@ Design choices
 - Optimizer state (momentum, AdamW moments) is fp32 even for a bf16 model.
 
 Simplified vs K2
-- Single process. K2 runs Muon on ZeRO-1 shards (gather the full matrix, Newton-Schulz, keep the local
+- Single process. K2 runs Muon on ZeRO-1 shards (ZeRO stage 1: each data-parallel rank keeps the optimizer
+  state of only a slice of the parameters; Muon gathers the full matrix, runs Newton-Schulz, keeps the local
   slice); chapter 4 does that.
 - K2's MuonClip clips heads per layer with tau = 100 over 15.5T tokens; the demo uses a tiny model, a
   synthetic language and a small tau to make the explosion and the clip visible in minutes on a CPU.
@@ -51,7 +52,7 @@ Run:
   python 03_muonclip.py                  # both demos at CPU sizes (a few minutes on 2 cores)
   python 03_muonclip.py --demo muon_vs_adamw --steps 300 --sweep-batch-size 8   # small batches, more steps
   python 03_muonclip.py --demo qk_clip --tau 8
-  python 03_muonclip.py --bench          # optimizer overhead vs forward-backward
+  python 03_muonclip.py --bench          # only the optimizer overhead vs forward-backward (no demos)
 """
 
 import argparse
@@ -66,6 +67,8 @@ import torch.nn as nn
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+import cli
 
 mla = importlib.import_module("02_mla")
 
@@ -664,39 +667,48 @@ def _save(fig, path: str, console: Console) -> None:
     console.print(f"wrote {path}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--demo", choices=("all", "muon_vs_adamw", "qk_clip", "none"), default="all", help="which demo")
-    p.add_argument("--seed", type=int, default=0, help="seed for model init and data")
-    p.add_argument("--batch-size", type=int, default=8, help="demo 2 and bench: sequences per step")
-    p.add_argument("--sweep-batch-size", type=int, default=32,
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--demo", choices=("all", "muon_vs_adamw", "qk_clip"), default=None,
+                   help="which demo (unset: all, or none with --bench)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed for model init and data")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="demo 2 and bench: sequences per step")
+    p.add_argument("--sweep-batch-size", type=cli.positive_int, default=32,
                    help="demo 1: sequences per step (large batches are Muon's regime)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=100, help="demo 1: training steps per run")
-    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3],
+    p.add_argument("--seq-len", type=cli.positive_int, default=64, help="tokens per sequence")
+    p.add_argument("--steps", type=cli.positive_int, default=100, help="demo 1: training steps per run")
+    p.add_argument("--adamw-lrs", type=cli.positive_float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3],
                    help="demo 1: AdamW lr sweep")
-    p.add_argument("--muon-lrs", type=float, nargs="+", default=[1e-2, 2e-2, 4e-2, 8e-2],
+    p.add_argument("--muon-lrs", type=cli.positive_float, nargs="+", default=[1e-2, 2e-2, 4e-2, 8e-2],
                    help="demo 1: Muon lr sweep (matrices; the rest keep AdamW's best lr)")
-    p.add_argument("--clip-steps", type=int, default=600, help="demo 2: training steps per run")
-    p.add_argument("--clip-lr", type=float, default=3e-2, help="demo 2: (high) lr for both runs")
-    p.add_argument("--clip-wd", type=float, default=0.1, help="demo 2: weight decay for both runs (0 = no decay)")
-    p.add_argument("--tau", type=float, default=10.0, help="demo 2: QK-Clip threshold (K2: 100)")
-    p.add_argument("--bench", action="store_true", help="also measure optimizer overhead vs forward-backward")
-    p.add_argument("--bench-steps", type=int, default=30, help="bench: training steps timed")
-    p.add_argument("--k2-batch-tokens", type=int, default=67_108_864, help="bench: K2's tokens per step (67M)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--clip-steps", type=cli.positive_int, default=600, help="demo 2: training steps per run")
+    p.add_argument("--clip-lr", type=cli.positive_float, default=3e-2, help="demo 2: (high) lr for both runs")
+    p.add_argument("--clip-wd", type=cli.nonneg_float, default=0.1,
+                   help="demo 2: weight decay for both runs (0 = no decay)")
+    p.add_argument("--tau", type=cli.positive_float, default=10.0, help="demo 2: QK-Clip threshold (K2: 100)")
+    p.add_argument("--bench", action="store_true",
+                   help="measure optimizer overhead vs forward-backward (alone, unless --demo is given too)")
+    p.add_argument("--bench-steps", type=cli.positive_int, default=30, help="bench: training steps timed")
+    p.add_argument("--k2-batch-tokens", type=cli.positive_int, default=67_108_864,
+                   help="bench: K2's tokens per step (67M)")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads")
     p.add_argument("--no-figures", action="store_true", help="skip writing figures/")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not args.no_figures:
+        try:
+            cli.out_dir("figures")
+        except argparse.ArgumentTypeError as err:
+            p.error(f"figures/ cannot be written ({err}); pass --no-figures")
+    demo = args.demo or ("none" if args.bench else "all")
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 110)
-    if args.demo in ("all", "muon_vs_adamw"):
+    if demo in ("all", "muon_vs_adamw"):
         demo_muon_vs_adamw(args, console)
-    if args.demo in ("all", "qk_clip"):
+    if demo in ("all", "qk_clip"):
         demo_qk_clip(args, console)
     if args.bench:
         bench(args, console)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

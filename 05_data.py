@@ -5,7 +5,7 @@ K2 was pretrained on 15.5T tokens, and good tokens were the scarce resource. Two
 1. Rephrasing (K2 §2.2). Instead of reading the same knowledge text for ten epochs, rewrite it in different
    styles and perspectives and read each rewrite once. Long texts are rewritten chunk by chunk, each chunk
    with the already-rewritten text as context, then stitched; a fidelity check compares each rewrite with
-   its source. Table 1 of the report (SimpleQA accuracy): raw text x 10 epochs 23.76, one rephrasing x 10
+   its source. Table 1 of the report (accuracy on SimpleQA, a benchmark of short fact-seeking questions): raw text x 10 epochs 23.76, one rephrasing x 10
    epochs 27.39, ten rephrasings x 1 epoch 28.94. Math documents are rewritten as "learning notes".
 2. Agentic data synthesis (K2 §3.1.1). Tool specs -> agents (system prompt + tool subset) -> tasks with
    rubrics -> multi-turn trajectories (a user simulator, a stateful tool simulator with controlled
@@ -34,7 +34,7 @@ Design choices
 Simplified vs K2
 - Rewriter: K2 uses a large LM with tuned prompts; ours is a template paraphraser (or a tiny LM via the
   adapter). Fidelity: K2 checks semantic alignment with a model; ours parses facts exactly.
-- Scale: K2 synthesised 3000+ real MCP tools and 20,000+ synthetic tools; here 15 tools in 8 domains.
+- Scale: K2 synthesised 3000+ real MCP (Model Context Protocol, a standard for exposing tools to LLMs) tools and 20,000+ synthetic tools; here 15 tools in 8 domains.
 - Judge: K2 uses an LLM judge against rubrics; ours checks rubrics programmatically.
 - Sandbox: K2 runs Kubernetes-scale containers; ours is one process tree on one machine.
 - Experiment (Table 1 in miniature): keeps the three curricula at equal training tokens, the fidelity-checked
