@@ -64,10 +64,13 @@ Run:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import importlib
+import json
 import math
+import os
 import random
 import re
 import time
@@ -78,6 +81,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+import cli
 
 mla = importlib.import_module("02_mla")        # chapter 2: Transformer, ModelConfig, sample_next
 muonclip = importlib.import_module("03_muonclip")  # chapter 3: MuonClip
@@ -202,10 +207,10 @@ class MathEnv(Env):
 
 
 def compact_system_message(agent: str) -> dict:
-    """Chapter 5's system prompt with the tools as one line each (name and arguments), for a short context."""
-    prompt, tools = data.AGENTS[agent]
-    lines = [f"{t}({', '.join(data.TOOLS[t]['parameters']['properties'])})" for t in tools]
-    return {"role": "system", "content": prompt + "\nTools: " + "; ".join(lines)}
+    """Chapter 5's agent as one line of tool signatures (no JSON schemas), for a context a tiny model can afford."""
+    tools = data.AGENTS[agent][1]
+    return {"role": "system", "content": "Tools: " + "; ".join(
+        f"{t}({', '.join(data.TOOLS[t]['parameters']['properties'])})" for t in tools)}
 
 
 class ToolEnv(Env):
@@ -782,3 +787,286 @@ def move_training_state(model, optimizer, device: str | torch.device) -> dict:
             p.grad = p.grad.to(device, copy=True)
             moved += p.grad.numel() * p.grad.element_size()
     return {"bytes": moved, "seconds": time.perf_counter() - t0}
+
+
+# ---- demo: SFT a tiny K2, then RL ----
+
+def demo_config(tok) -> mla.ModelConfig:
+    """Chapter 2's tiny K2, narrowed to train in about a minute on one CPU thread."""
+    return mla.ModelConfig.tiny(vocab_size=tok.vocab_size, num_hidden_layers=2, n_routed_experts=8,
+                                num_experts_per_tok=2)
+
+
+def split_sums(max_operand: int, seed: int) -> tuple[list, list, list]:
+    """All sums a + b (a, b <= max_operand) split 40/40/20 into disjoint SFT, RL and held-out sets."""
+    items = [(f"What is {a} + {b}?", a + b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    random.Random(seed).shuffle(items)
+    n = len(items)
+    return items[: 2 * n // 5], items[2 * n // 5: 4 * n // 5], items[4 * n // 5:]
+
+
+def split_tool_tasks(n: int, seed: int) -> tuple[list, list, list]:
+    """Chapter 5 unit and date tasks, disjoint SFT / RL / held-out sets (n each)."""
+    tasks = [t for t in data.make_tasks(21 * n, seed, failure_rate=0.0) if t.kind in TOOL_KINDS]
+    for t in tasks:
+        t.persona = data.PERSONAS[0]  # terse: the request alone
+    return tasks[:n], tasks[n:2 * n], tasks[2 * n:3 * n]
+
+
+def sft_examples(tok, sums: list, tasks: list, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Chat-rendered SFT data: sums answered as `Answer: N`, tool trajectories from chapter 5's expert."""
+    out = [data.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": f"Answer: {a}"}],
+                            tok) for q, a in sums]
+    expert = data.ScriptedExpert(seed, p_slip=0.0, p_fatal=0.0)
+    for t in tasks:
+        msgs, _ = data.simulate(t, expert)
+        msgs[0] = compact_system_message(t.agent)
+        out.append(data.render_chat(msgs, tok))
+    return out
+
+
+def batch_of(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(i) for i, _ in examples)
+    ids = torch.tensor([i + [pad_id] * (L - len(i)) for i, _ in examples])  # (B, L)
+    mask = torch.tensor([m + [0] * (L - len(m)) for _, m in examples])  # (B, L)
+    return ids, mask
+
+
+def make_optimizer(model, lr: float):
+    return muonclip.MuonClip(model, lr=lr, adamw_lr=lr, weight_decay=0.0, adamw_weight_decay=0.0)
+
+
+def sample_sft(rng: random.Random, examples: list, batch_size: int, n_long: int, pad_id: int, long_from: int = 128):
+    """A short-example batch and a long-example batch (padding a sum to a tool trajectory's length is waste)."""
+    short = [e for e in examples if len(e[0]) < long_from]
+    long = [e for e in examples if len(e[0]) >= long_from]
+    out = [batch_of(rng.sample(short, min(batch_size, len(short))), pad_id)] if short else []
+    if long and n_long:
+        out.append(batch_of(rng.sample(long, min(n_long, len(long))), pad_id))
+    return out
+
+
+def sft(model, examples: list, steps: int, batch_size: int, lr: float, seed: int, pad_id: int, n_long: int = 2,
+        progress=None, task=None) -> float:
+    """Masked next-token SFT with MuonClip (chapter 3); returns the mean loss of the last 10 steps."""
+    rng, opt, losses = random.Random(seed), make_optimizer(model, lr), []
+    for step in range(steps):
+        for g in opt.param_groups:  # linear warm-up, then cosine to 10%
+            g["lr"] = lr * min(1.0, (step + 1) / 10) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        loss = sum(masked_ce(model, *b) for b in sample_sft(rng, examples, batch_size, n_long, pad_id))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress.advance(task)
+    return sum(losses[-10:]) / len(losses[-10:])
+
+
+def run_seed(seed: int, args, progress=None) -> dict:
+    """SFT, then RL, for one seed; held-out success and critic accuracy before and after RL."""
+    tok = data.Tokenizer()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    sums_sft, sums_rl, sums_test = split_sums(args.max_operand, seed)
+    tools_sft, tools_rl, tools_test = split_tool_tasks(args.tool_tasks, seed)
+    examples = sft_examples(tok, sums_sft, tools_sft, seed)
+    model = mla.Transformer(demo_config(tok))
+    t_sft = progress.add_task(f"seed {seed}: SFT", total=args.sft_steps) if progress else None
+    sft_loss = sft(model, examples, args.sft_steps, args.batch_size, args.lr, seed, tok.pad_id, args.tool_batch,
+                   progress, t_sft)
+    test_envs = ([(MathEnv(sums_test), i) for i in range(len(sums_test))]
+                 + [(ToolEnv(tools_test), i) for i in range(len(tools_test))])
+    rl_envs = ([(MathEnv(sums_rl), i) for i in range(len(sums_rl))]
+               + [(ToolEnv(tools_rl), i) for i in range(len(tools_rl))])
+    model.set_record_s_max(False)
+    before = evaluate(model, test_envs, tok)
+    # held-out critic pairs: on-policy rollouts of held-out prompts whose verifiable rewards differ
+    held_pairs = critic_pairs(collect_rollouts(model, test_envs[: args.critic_prompts], tok, group_size=4,
+                                               temperature=1.0, seed=seed + 1000), 4)
+    critic_before = critic_accuracy(model, tok, held_pairs) if held_pairs else float("nan")
+    opt = make_optimizer(model, args.rl_lr)
+    rng, history = random.Random(seed), []
+    n_math = args.prompts - args.tool_prompts
+    t_rl = progress.add_task(f"seed {seed}: RL", total=args.rl_steps) if progress else None
+    for step in range(args.rl_steps):
+        prompts = (rng.sample(rl_envs[:len(sums_rl)], n_math) + rng.sample(rl_envs[len(sums_rl):], args.tool_prompts))
+        temperature = temperature_schedule(step, args.rl_steps, args.t_start, args.t_end)
+        model.set_record_s_max(False)
+        rollouts = collect_rollouts(model, prompts, tok, group_size=args.group_size, temperature=temperature,
+                                    seed=seed * 100_003 + step)
+        model.set_record_s_max(True)
+        pairs = critic_pairs(rollouts, args.group_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the share of all-equal groups is reported in the table instead
+            m = rl_step(model, opt, rollouts, group_size=args.group_size, tau=args.tau, pad_id=tok.pad_id,
+                        ptx=sample_sft(rng, examples, args.batch_size, 0, tok.pad_id)[0], ptx_weight=args.ptx_weight,
+                        critic_batch=critic_batch(tok, pairs[: args.batch_size]) if pairs else None,
+                        critic_weight=args.critic_weight)
+        m["temperature"] = temperature
+        history.append(m)
+        if progress is not None:
+            progress.update(t_rl, advance=1, description=f"seed {seed}: RL (reward {m['reward_mean']:+.2f})")
+    model.set_record_s_max(False)
+    after = evaluate(model, test_envs, tok)
+    critic_after = critic_accuracy(model, tok, held_pairs) if held_pairs else float("nan")
+    return {"seed": seed, "sft_loss": sft_loss, "before": before, "after": after, "history": history,
+            "critic_before": critic_before, "critic_after": critic_after, "critic_pairs": len(held_pairs),
+            "n_test": {"math": len(sums_test), "tool": len(tools_test)}}
+
+
+# ---- demo: the checkpoint engine under torchrun ----
+
+def _flat_update(tensors: dict, src: int, is_src: bool) -> None:
+    """Baseline 1: pack everything into one flat buffer, one broadcast, unpack."""
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    flat = (torch.cat([_as_bytes(t) for t in tensors.values()]) if is_src
+            else torch.empty(sum(sizes), dtype=torch.uint8))
+    dist.broadcast(flat, src=src)
+    if not is_src:
+        for t, piece in zip(tensors.values(), flat.split(sizes)):
+            _as_bytes(t).copy_(piece)
+
+
+def _per_tensor_update(tensors: dict, src: int) -> None:
+    """Baseline 2: one broadcast per tensor (no packing; many small messages)."""
+    for t in tensors.values():
+        dist.broadcast(t, src=src)
+
+
+def engine_demo(args, console) -> None:
+    """Trainer rank 0 sends a tiny-K2-shaped model to the other ranks three ways; times and checksums."""
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    tok = data.Tokenizer()
+    cfg = mla.ModelConfig.tiny(vocab_size=tok.vocab_size, hidden_size=args.engine_width, num_hidden_layers=4)
+    torch.manual_seed(0 if rank == 0 else 1000 + rank)  # workers start from different (random) weights
+    model = mla.Transformer(cfg)
+    tensors = dict(model.state_dict())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    engine = CheckpointEngine(bucket_bytes=args.bucket_mb << 20).register(tensors)
+    rows = []
+    for name, fn in (("bucketed engine (2 buffers)", lambda: engine.update()),
+                     ("one flat buffer", lambda: _flat_update(tensors, 0, rank == 0)),
+                     ("one broadcast per tensor", lambda: _per_tensor_update(tensors, 0))):
+        times = []
+        for _ in range(args.repeats):
+            if rank != 0:  # receivers reset to random weights before every update
+                for t in tensors.values():
+                    t.copy_(torch.randn(t.shape).to(t.dtype) if t.is_floating_point() else torch.zeros_like(t))
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        digest = hashlib.sha256("".join(tensor_sha256(t) for t in tensors.values()).encode()).hexdigest()[:12]
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+        rows.append((name, sorted(times)[len(times) // 2], digests))
+    engine.update(verify=True)  # raises on every rank if any tensor differs
+    if rank == 0:
+        from rich.table import Table
+        table = Table(title=f"weight update: {nbytes / 2**20:.1f} MiB, {len(tensors)} tensors, 1 trainer -> "
+                            f"{world - 1} workers (gloo, CPU), median of {args.repeats}")
+        for col in ("method", "seconds", "MiB/s per worker", "checksums (trainer, workers...)", "equal"):
+            table.add_column(col)
+        for name, s, dg in rows:
+            table.add_row(name, f"{s:.3f}", f"{nbytes / 2**20 / s:.0f}", " ".join(dg), str(len(set(dg)) == 1))
+        console.print(table)
+        console.print(f"bucket {args.bucket_mb} MiB; engine version {engine.version}; verification passed "
+                      f"(per-tensor SHA-256 on every worker)")
+    dist.destroy_process_group()
+
+
+# ---- command line ----
+
+def print_rl_results(console, results: list[dict]) -> None:
+    from rich.table import Table
+    t = Table(title="held-out success (greedy), before -> after RL")
+    for col in ("seed", "SFT loss", "math before", "math after", "tool before", "tool after",
+                "critic acc before", "critic acc after", "critic pairs"):
+        t.add_column(col)
+    for r in results:
+        b, a = r["before"], r["after"]
+        t.add_row(str(r["seed"]), f"{r['sft_loss']:.3f}", f"{b.get('math', 0):.1%}", f"{a.get('math', 0):.1%}",
+                  f"{b.get('tool', 0):.1%}", f"{a.get('tool', 0):.1%}", f"{r['critic_before']:.1%}",
+                  f"{r['critic_after']:.1%}", str(r["critic_pairs"]))
+    console.print(t)
+    h = Table(title="during RL (mean over the steps of each quarter; seed 0)")
+    for col in ("steps", "reward", "all-equal groups", "response tokens", "log-prob gap", "temperature"):
+        h.add_column(col)
+    hist = results[0]["history"]
+    q = max(1, len(hist) // 4)
+    for i in range(0, len(hist), q):
+        part = hist[i:i + q]
+        mean = {k: sum(m[k] for m in part) / len(part) for k in ("reward_mean", "all_equal_groups", "response_len",
+                                                                 "temperature")}
+        h.add_row(f"{i}-{i + len(part) - 1}", f"{mean['reward_mean']:+.3f}", f"{mean['all_equal_groups']:.0%}",
+                  f"{mean['response_len']:.1f}", f"{max(m['logprob_gap'] for m in part):.1e}",
+                  f"{mean['temperature']:.2f}")
+    console.print(h)
+    for env in ("math", "tool"):
+        gains = [r["after"].get(env, 0) - r["before"].get(env, 0) for r in results]
+        afters = [r["after"].get(env, 0) for r in results]
+        spread = max(afters) - min(afters)
+        verdict = "beats" if min(gains) > spread else "does not beat"
+        console.print(f"{env}: RL gain per seed {', '.join(f'{g:+.1%}' for g in gains)}; spread of the final "
+                      f"success over seeds {spread:.1%}: the gain {verdict} the seed spread")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--engine-demo", action="store_true",
+                   help="checkpoint engine demo (run under torchrun --nproc_per_node=3)")
+    p.add_argument("--seeds", type=cli.nonneg_int_list, default=[0, 1], help="one SFT + RL run per seed")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch intra-op threads")
+    p.add_argument("--max-operand", type=cli.positive_int, default=20, help="sums a + b with a, b <= this")
+    p.add_argument("--tool-tasks", type=cli.positive_int, default=40, help="tool tasks per split (SFT, RL, test)")
+    p.add_argument("--sft-steps", type=cli.positive_int, default=300, help="SFT steps")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="SFT / PTX / critic batch")
+    p.add_argument("--tool-batch", type=cli.nonneg_int, default=2, help="tool trajectories per SFT step")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="SFT learning rate (MuonClip)")
+    p.add_argument("--rl-steps", type=cli.positive_int, default=30, help="RL steps")
+    p.add_argument("--rl-lr", type=cli.positive_float, default=1e-3, help="RL learning rate (MuonClip)")
+    p.add_argument("--prompts", type=cli.positive_int, default=8, help="prompts per RL step")
+    p.add_argument("--tool-prompts", type=cli.nonneg_int, default=2, help="of which tool tasks")
+    p.add_argument("--group-size", type=cli.positive_int, default=4, help="K samples per prompt")
+    p.add_argument("--tau", type=cli.positive_float, default=0.1, help="k1.5 regulariser τ")
+    p.add_argument("--ptx-weight", type=cli.nonneg_float, default=0.1, help="weight of the PTX loss")
+    p.add_argument("--critic-weight", type=cli.nonneg_float, default=0.1, help="weight of the critic loss")
+    p.add_argument("--critic-prompts", type=cli.positive_int, default=48, help="held-out prompts for critic pairs")
+    p.add_argument("--t-start", type=cli.nonneg_float, default=1.2, help="sampling temperature at step 0")
+    p.add_argument("--t-end", type=cli.nonneg_float, default=0.7, help="sampling temperature at the last step")
+    p.add_argument("--engine-width", type=cli.positive_int, default=512, help="engine demo: hidden size")
+    p.add_argument("--bucket-mb", type=cli.positive_int, default=4, help="engine demo: bucket size in MiB")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="engine demo: timed updates per method")
+    p.add_argument("--json", type=cli.out_file, default=None, help="write the RL results to this file")
+    args = p.parse_args(argv)
+    if args.tool_prompts > args.prompts:
+        p.error(f"argument --tool-prompts: {args.tool_prompts} is more than --prompts={args.prompts}")
+    from rich.console import Console
+    console = Console()
+    torch.set_num_threads(args.threads)
+    if args.engine_demo:
+        if "RANK" not in os.environ:
+            p.error("argument --engine-demo: run it under torchrun --nproc_per_node=3 06_rl.py --engine-demo")
+        engine_demo(args, console)
+        return 0
+    from rich.progress import Progress
+    t0 = time.time()
+    with Progress(console=console, transient=True) as progress:
+        results = [run_seed(s, args, progress) for s in args.seeds]
+    print_rl_results(console, results)
+    console.print(f"done in {time.time() - t0:.0f} s ({args.threads} thread(s))")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
