@@ -1,60 +1,69 @@
 """The execution sandbox: run untrusted Python, many programs at once, each sealed from the host and the others.
 
-K2's agentic data and its RL stage score code by running it (K2 §3.1.1 verifies coding tasks in "a real
-execution sandbox"; §3.2.1 runs coding and software-engineering rewards at scale in containers). Chapter 5
-checks synthesised tasks with it, chapter 6 scores many rollouts in parallel. The program is hostile by
-assumption: a fork bomb, a memory bomb, a write anywhere, a connection to anything, an attack on the
-sandbox next to it.
+K2's agentic data and its RL stage score code by running it (K2 §3.1.1: coding tasks are verified in a real
+execution sandbox; §3.2.1: coding rewards at scale need many sandboxes at once). Chapter 5 checks synthesised
+tasks with it, chapter 6 scores many rollouts in parallel. The program is hostile by assumption: a fork bomb,
+a memory bomb, a write anywhere, a connection to anything, an attack on the sandbox running next to it.
 
 One sandbox, as root with bubblewrap (`bwrap`), is this process tree:
 
-    sh (joins the slot's pids cgroup) -> prlimit (rlimits) -> bwrap (namespaces, mounts, seccomp)
-      -> setpriv (slot uid, all capabilities gone) -> python -I -S -B main.py      (in /work, a bounded tmpfs)
+    sh (joins the slot's pids + memory cgroups) -> prlimit (rlimits) -> bwrap (namespaces, mounts, seccomp)
+      -> setpriv (slot uid, every capability gone) -> python -I -S -B main.py    (in /work, a bounded tmpfs)
 
-Guarantees (as root with bwrap and setpriv; `SandboxResult.isolation` lists what was applied):
+Guarantees (as root with bwrap; `SandboxResult.isolation` lists what was applied, `degraded` what was not):
 - own PID, IPC, network, UTS and cgroup namespaces: the program sees only its own processes (its own /proc),
   no network but a loopback of its own, and SysV/POSIX IPC objects vanish with it;
-- its own root: an empty tmpfs, read-only, holding only the Python install and its shared libraries
-  (read-only), a minimal /dev, its own /proc and /work. No host socket file, no /tmp, no /run, no home;
-- /work is the only writable place: a fresh tmpfs of `disk_mb` MiB and `disk_files` inodes (mounted nosuid,
-  nodev, noexec), unmounted afterwards, so nothing written survives and cleanup cannot fail, whatever
-  the tree inside looks like. `disk_full` / `too_many_files` say that the program hit a bound;
-- a uid of its own per concurrent slot (61000 + slot, owning no host file), so RLIMIT_NPROC is per
-  sandbox, and a pids cgroup per slot (below the caller's own, so the caller's limit still holds), so a
-  fork bomb in one sandbox cannot starve another; capabilities all dropped (bounding set empty),
-  no_new_privs (setuid binaries do nothing), a new session (no terminal injection);
-- a seccomp filter (`SECCOMP_RULES`, printed by `python sandbox.py --seccomp`): no kernel keyring (add_key,
-  request_key, keyctl), no ptrace or process_vm_*, no new namespaces (unshare, setns, clone with CLONE_NEW*,
-  clone3), none of bpf, perf_event_open, userfaultfd, io_uring;
+- its own root: an empty read-only tmpfs holding only the Python install and the shared libraries (both
+  read-only), a minimal /dev, its own /proc and /work. No host socket file, no /tmp, no /run, no home;
+- /work is the only writable place: a fresh tmpfs of `disk_mb` MiB and `disk_files` inodes (nosuid, nodev,
+  noexec), unmounted afterwards, so nothing written survives and cleanup cannot fail whatever the tree
+  inside looks like; `disk_full` / `too_many_files` say that the program hit a bound;
+- a uid of its own per concurrent slot (61000 + slot, owning no host file) and, per slot, a pids cgroup
+  (max_procs) and a memory cgroup (tree_memory_mb, the work dir's pages included) below the caller's own
+  cgroups, so the caller's limits still hold and one sandbox's fork or memory bomb cannot starve another;
+- every capability dropped (bounding set empty), no_new_privs (setuid binaries do nothing), a new session;
+- a seccomp filter (`SECCOMP_RULES`; `python sandbox.py --seccomp` prints it): no kernel keyring (add_key,
+  request_key, keyctl), no ptrace or process_vm_*, no new namespaces (unshare, setns, clone with CLONE_NEW*;
+  clone3 answers ENOSYS so libc falls back to clone), no bpf, perf_event_open, userfaultfd or io_uring;
 - rlimits (CPU seconds, address space = memory_mb, file size, processes, open files, no core dumps) and a
-  wall-clock timeout; afterwards every process left in the slot's cgroup is killed, so nothing survives;
-- configuration passed privately: bwrap reads its arguments (including `env=`) from a memfd (`--args FD`),
-  so `ps` shows only `bwrap --args 3`; the program's environment is PATH/LANG/HOME/TMPDIR and `env` only;
+  wall-clock timeout; afterwards every process left in the slot's cgroups is killed: nothing survives;
+- configuration passed privately: bwrap reads its options (`env=` included) from a memfd (`--args FD`), so
+  the host's `ps` shows `bwrap --args N -- setpriv ... main.py` only; the program's environment is
+  PATH/LANG/HOME/TMPDIR plus `env`;
 - stdout/stderr capped at max_output bytes each; a flood beyond that kills the program (output_truncated).
 
 Not protected against (a process sandbox shares the kernel: it is not a VM):
-- kernel exploits through the syscalls still allowed (the filter is a deny list, not gVisor);
-- memory is capped per process (RLIMIT_AS, virtual memory), not per sandbox: up to max_procs x memory_mb;
-- reading the Python install and the shared libraries (read-only, the same on every machine);
-- CPU contention (no CPU cgroup share), timing and other side channels.
+- kernel exploits through the syscalls still allowed (the filter is a short deny list, not gVisor);
+- reading the Python install and the shared libraries (read-only, the same files on every such machine);
+- CPU contention (no CPU cgroup share), timing and other side channels;
+- a caller killed with SIGKILL mid-run: bwrap's --die-with-parent still kills the program, but that slot's
+  tmpfs stays mounted (and its cgroups stay, empty) under /run/k2-sandbox until the slot is next used.
 
-Degraded (`degraded` says which): without root there is no slot uid, no cgroup and no tmpfs work dir (bwrap
-then runs unprivileged in a user namespace, the work dir is a host temp dir bounded per file only); without
-bwrap the program runs as a plain subprocess with rlimits, a scrubbed environment and, as root, the slot
-cgroup and uid: no namespaces, so it sees the host file system and network. Install bubblewrap with
-`apt-get install bubblewrap` (Debian/Ubuntu; `dnf install bubblewrap` on Fedora); .ci/run does.
+Degraded, and `degraded` says so: without root there is no slot uid, no cgroup and no tmpfs work dir (bwrap
+runs unprivileged in a user namespace; the work dir is a host temp dir, bounded per file by RLIMIT_FSIZE, and
+RLIMIT_NPROC is the user's process count + max_procs); without a writable cgroup the process budget is the
+slot uid's RLIMIT_NPROC and memory is capped per process only. Without bwrap the program runs as a plain
+subprocess with rlimits, a scrubbed environment and, as root, the slot cgroups and the slot uid (when it can
+reach the interpreter): no namespaces, so it sees the host's file system and network. Install bubblewrap:
+`apt-get install bubblewrap` (Debian, Ubuntu), `dnf install bubblewrap` (Fedora); .ci/run does.
 
 Design choices
 - Compose a well-kept tool (bubblewrap, the sandbox under Flatpak) instead of hand-writing mount code;
-  everything it is told fits in `_bwrap_args`, readable top to bottom.
-- bwrap runs privileged (as root, no user namespace) so that the program can get a real host uid per slot:
-  setpriv drops to that uid last. In a user namespace every sandbox would be host root without capabilities.
-- A slot is a lock file: `flock` on /run/k2-sandbox/slot-N.lock, so slots are exclusive across threads
-  and across processes (two test runs at once never share a uid, a cgroup or a work dir).
+  everything it is told is in `_bwrap_args`, readable top to bottom.
+- bwrap runs privileged (as root, no user namespace) so that the program gets a real host uid per slot:
+  setpriv drops to it last. In a user namespace every sandbox would be host root without capabilities.
+- A slot is a lock file: `flock` on /run/k2-sandbox/slot-N.lock, exclusive across threads and processes
+  (two test runs at once never share a uid, a cgroup or a work dir); the lock files are all that remains.
+- The pool is threads (each waits on one subprocess): the sandboxes run in parallel, the GIL is not in the way.
+
+Simplified vs K2: K2 runs Kubernetes-scale containers across machines; this is one machine's process trees.
+
+References: bubblewrap (github.com/containers/bubblewrap, bwrap(1)); seccomp filters:
+Documentation/userspace-api/seccomp_filter.rst; cgroup pids and memory controllers: Documentation/admin-guide/cgroup-v1/.
 
 Run:
     python sandbox.py --help
-    python sandbox.py              # hostile programs, pool throughput, start-up overhead (about 30 s)
+    python sandbox.py              # hostile programs at once, pool throughput, start-up overhead (~20 s)
     python sandbox.py --seccomp    # the seccomp filter as BPF instructions
 """
 
@@ -135,8 +144,6 @@ def _host() -> _Host:
     else:
         why.append("bubblewrap (bwrap) not installed: no namespaces, the host file system and network are "
                    "visible (apt-get install bubblewrap)")
-    if not prlimit:
-        why.append("prlimit (util-linux) not found: no rlimits")
     if not root:
         why.append("not root: no slot uid, no pids cgroup, no tmpfs work dir (bounded per file only)")
     elif bwrap and not setpriv:
@@ -232,39 +239,70 @@ def _rmtree(path: str) -> None:
         fd = parent
 
 
-def _pids_cgroup_parent() -> str | None:
-    """The caller's own pids cgroup directory (cgroup v1 or v2), if this process may create children in it."""
+def _cgroup_parent(controller: str) -> str | None:
+    """The caller's own cgroup directory for `controller` ("pids", "memory"; cgroup v1 or v2), if this process
+    may create children in it. Sandbox cgroups go below it, so limits set on the caller still hold."""
     try:
         with open("/proc/self/cgroup") as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
-    for _, ctrls, path in lines:
-        if "pids" in ctrls.split(","):
-            d = "/sys/fs/cgroup/pids" + path
-            if os.access(d, os.W_OK):
-                return d.rstrip("/")
-    for hid, ctrls, path in lines:  # cgroup v2: needs pids in the parent's subtree_control
+    for _, ctrls, path in lines:  # cgroup v1: one hierarchy per controller
+        if controller in ctrls.split(","):
+            d = f"/sys/fs/cgroup/{controller}{path}".rstrip("/")
+            return d if os.access(d, os.W_OK) else None
+    for hid, ctrls, path in lines:  # cgroup v2: the controller must be enabled for the children
         if hid == "0" and ctrls == "":
             d = ("/sys/fs/cgroup" + path).rstrip("/")
             try:
                 with open(os.path.join(d, "cgroup.subtree_control")) as f:
-                    if "pids" in f.read().split() and os.access(d, os.W_OK):
+                    if controller in f.read().split() and os.access(d, os.W_OK):
                         return d
             except OSError:
                 pass
     return None
 
 
-def _make_cgroup(slot: _Slot, max_pids: int) -> str:
-    d = os.path.join(_pids_cgroup_parent(), f"k2-sandbox-{slot.n}")
+def _make_cgroup(parent: str, slot: _Slot, limits: dict) -> str:
+    """cgroup k2-sandbox-<slot> below `parent`, with limits {file: value} (pids.max, memory.limit_in_bytes...)."""
+    d = os.path.join(parent, f"k2-sandbox-{slot.n}")
     if os.path.isdir(d):  # left behind by a killed caller: empty it
         _kill_cgroup(d)
     else:
         os.mkdir(d)
-    with open(os.path.join(d, "pids.max"), "w") as f:
-        f.write(str(max_pids))
+    for name, value in limits.items():
+        with open(os.path.join(d, name), "w") as f:
+            f.write(str(value))
     return d
+
+
+def _slot_cgroups(slot: _Slot, max_pids: int, memory_bytes: int, why: list) -> dict:
+    """{controller: cgroup dir} for the slot: a pids budget and a memory cap for the whole process tree."""
+    made = {}
+    for controller, v1, v2, value, missing in (
+            ("pids", "pids.max", "pids.max", max_pids, "the process budget is RLIMIT_NPROC of the slot uid only"),
+            ("memory", "memory.limit_in_bytes", "memory.max", memory_bytes,
+             "memory is capped per process (RLIMIT_AS), not per sandbox")):
+        parent = _cgroup_parent(controller)
+        if parent is None:
+            why.append(f"no writable {controller} cgroup: {missing}")
+            continue
+        v2_layout = os.path.exists(os.path.join(parent, "cgroup.controllers"))
+        made[controller] = _make_cgroup(parent, slot, {v2 if v2_layout else v1: value})
+    return made
+
+
+def _oom_kills(d: str) -> int:
+    """How many processes the kernel's OOM killer took from cgroup d (v1 memory.oom_control, v2 memory.events)."""
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            with open(os.path.join(d, name)) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+    return 0
 
 
 def _kill_cgroup(d: str) -> None:
@@ -405,12 +443,13 @@ def _ancestors(path: str) -> list[str]:
 
 def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, files: dict | None = None,
                   max_output: int = 65536, max_procs: int = 32, max_files: int = 64, file_mb: int = 16,
-                  disk_mb: int = 32, disk_files: int = 512, env: dict | None = None, uid: int | None = None,
-                  namespaces: bool = True) -> SandboxResult:
+                  disk_mb: int = 32, disk_files: int = 512, tree_memory_mb: int | None = None,
+                  env: dict | None = None, uid: int | None = None, namespaces: bool = True) -> SandboxResult:
     """Run untrusted Python `code` as main.py in a fresh work dir, sealed as far as this machine allows.
 
     memory_mb: address space per process; max_procs: processes (and threads) of the sandbox; max_files:
-    open files per process; file_mb: largest file; disk_mb / disk_files: size and inodes of the work dir.
+    open files per process; file_mb: largest file; disk_mb / disk_files: size and inodes of the work dir;
+    tree_memory_mb: memory of the whole sandbox, work dir included (default 2 x memory_mb + disk_mb).
     files: {relative path: text} written into the work dir first. env: extra environment variables.
     uid: run as this host uid instead of the slot's own (root only; sandboxes sharing a uid share RLIMIT_NPROC).
     namespaces=False runs the degraded path on purpose (no bwrap). See the module docstring for what holds.
@@ -422,6 +461,8 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
             raise ValueError(f"{name}: must be > {lo}, got {v}")
     if memory_mb < 32:
         raise ValueError(f"memory_mb: must be >= 32 (the interpreter itself needs it), got {memory_mb}")
+    if tree_memory_mb is not None and tree_memory_mb < 32:
+        raise ValueError(f"tree_memory_mb: must be >= 32, got {tree_memory_mb}")
     if uid is not None and not (isinstance(uid, int) and uid > 0):
         raise ValueError(f"uid: must be a uid > 0 (never root), got {uid!r}")
     host = _host()
@@ -430,24 +471,21 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
     if host.bwrap and not namespaces:
         why.append("namespaces=False: no bwrap, the host file system and network are visible")
     slot = _Slot() if host.root else None
-    cgroup = workdir = None
-    tmpfs = False
+    cgroups, workdir, tmpfs = {}, None, False
     try:
         if slot is not None:
             slot.uid = uid or slot.uid
             _mount_tmpfs(slot.workdir, disk_mb, disk_files, slot.uid)
             workdir, tmpfs = slot.workdir, True
-            if _pids_cgroup_parent() is not None:
-                cgroup = _make_cgroup(slot, max_procs + 3)  # + sh/prlimit/bwrap and bwrap's PID 1
-            else:
-                why.append("no writable pids cgroup: the process budget is RLIMIT_NPROC of the slot uid only")
+            # + sh/prlimit/bwrap and bwrap's PID 1; the memory cap holds the work dir's tmpfs pages too
+            cgroups = _slot_cgroups(slot, max_procs + 3, (tree_memory_mb or 2 * memory_mb + disk_mb) << 20, why)
         else:
             workdir = os.path.realpath(tempfile.mkdtemp(prefix="sandbox-"))
         return _run(code, timeout_s, memory_mb, files, max_output, max_procs, max_files, file_mb, env or {},
-                    host, use_bwrap, slot, workdir, tmpfs, cgroup, why)
+                    host, use_bwrap, slot, workdir, tmpfs, cgroups, why)
     finally:  # never raises: what the program did cannot crash the caller
-        if cgroup:
-            _remove_cgroup(cgroup)
+        for d in cgroups.values():
+            _remove_cgroup(d)
         if tmpfs:
             _libc.umount2(workdir.encode(), MNT_DETACH)  # the whole tree goes at once, however deep
             _rmtree(workdir)                             # the empty mount point
@@ -458,7 +496,7 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
 
 
 def _run(code, timeout_s, memory_mb, files, max_output, max_procs, max_files, file_mb, env, host, use_bwrap,
-         slot, workdir, tmpfs, cgroup, why) -> SandboxResult:
+         slot, workdir, tmpfs, cgroups, why) -> SandboxResult:
     python = os.path.realpath(sys.executable)
     uid = slot.uid if slot else None
     seen_workdir = WORK if use_bwrap else workdir
@@ -474,11 +512,11 @@ def _run(code, timeout_s, memory_mb, files, max_output, max_procs, max_files, fi
     rlimits = [f"--cpu={math.ceil(timeout_s) + 1}", f"--as={memory_mb << 20}", f"--fsize={file_mb << 20}",
                f"--nofile={max_files}", f"--nproc={nproc}", "--core=0"]
     cmd, fds = [], []
-    if cgroup:  # join the cgroup before anything forks (children inherit it)
-        cmd += ["/bin/sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh", os.path.join(cgroup, "cgroup.procs")]
-    if host.prlimit:
-        cmd += [host.prlimit, *rlimits, "--"]
-    isolation = ["process", "env"] + (["rlimits"] if host.prlimit else [])
+    if cgroups:  # join the cgroups before anything forks (children inherit them): sh -c ... procs... -- cmd
+        cmd += ["/bin/sh", "-c", 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"',
+                "sh"] + [os.path.join(d, "cgroup.procs") for d in cgroups.values()] + ["--"]
+    cmd += ([host.prlimit] if host.prlimit else [python, "-I", "-S", "-c", _PRLIMIT_PY]) + rlimits + ["--"]
+    isolation = ["process", "env", "rlimits"]
     if use_bwrap:
         try:
             filt = b"".join(struct.pack("=HBBI", *ins) for ins in seccomp_program())
@@ -498,7 +536,7 @@ def _run(code, timeout_s, memory_mb, files, max_output, max_procs, max_files, fi
         popen_user = run_as_uid
         if run_as_uid is not None:
             isolation.append(f"uid={run_as_uid}")
-    isolation += (["pids-cgroup"] if cgroup else []) + (["work-tmpfs"] if tmpfs else [])
+    isolation += [f"{c}-cgroup" for c in cgroups] + (["work-tmpfs"] if tmpfs else [])
 
     t0 = time.monotonic()
     try:
@@ -514,8 +552,8 @@ def _run(code, timeout_s, memory_mb, files, max_output, max_procs, max_files, fi
 
     def kill():
         _kill_tree(proc.pid)
-        if cgroup:
-            _kill_cgroup(cgroup)
+        for d in cgroups.values():
+            _kill_cgroup(d)
 
     def reader(stream, buf):
         while chunk := stream.read1(65536):
@@ -548,10 +586,21 @@ def _run(code, timeout_s, memory_mb, files, max_output, max_procs, max_files, fi
         st = os.statvfs(workdir)
         disk_full, too_many = st.f_bavail == 0, st.f_favail == 0
     out, err = (outs[k].decode("utf-8", "replace") for k in ("stdout", "stderr"))
-    oom = any(s in err for s in ("MemoryError", "Cannot allocate memory", "std::bad_alloc"))
+    oom = any(s in err for s in ("MemoryError", "Cannot allocate memory", "std::bad_alloc")) or (
+        "memory" in cgroups and _oom_kills(cgroups["memory"]) > 0)
     ok = exit_code == 0 and not (timed_out or flood.is_set() or oom)
     return SandboxResult(ok, exit_code, timed_out, oom, flood.is_set(), out, err, wall, tuple(isolation),
                          "; ".join(why), disk_full, too_many)
+
+
+# prlimit's job in Python, for a machine without util-linux: python -c _PRLIMIT_PY --cpu=3 --nproc=32 -- cmd ...
+_PRLIMIT_PY = """import os, resource, sys
+end = sys.argv.index("--")
+for arg in sys.argv[1:end]:
+    name, value = arg[2:].split("=")
+    resource.setrlimit(getattr(resource, "RLIMIT_" + name.upper()), (int(value), int(value)))
+os.execv(sys.argv[end + 1], sys.argv[end + 1:])
+"""
 
 
 def _write_files(workdir: str, files: dict, uid: int | None) -> None:

@@ -5,6 +5,7 @@ so even a sandbox bug could not let a fork bomb take more than GUARD_PIDS proces
 test also checks that nothing survives: no process carrying its marker, no work dir, no slot cgroup.
 """
 
+import ast
 import os
 import socket
 import sys
@@ -23,14 +24,14 @@ GUARD_PIDS = 1200  # 16 sandboxes x (max_procs 32 + 3) plus this process's threa
 def full_isolation():
     """Skip unless the sandbox applies every layer here (root, bwrap, setpriv, prlimit, a pids cgroup)."""
     h = sandbox._host()
-    if not sys.platform.startswith("linux") or h.why or sandbox._pids_cgroup_parent() is None:
+    if not sys.platform.startswith("linux") or h.why or sandbox._cgroup_parent("pids") is None:
         pytest.skip("full isolation unavailable here: " + ("; ".join(h.why) or "no writable pids cgroup"))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def guard():
     """Move this test process into a pids cgroup of its own for the module (root with a pids cgroup only)."""
-    parent = sandbox._pids_cgroup_parent() if sys.platform.startswith("linux") else None
+    parent = sandbox._cgroup_parent("pids") if sys.platform.startswith("linux") else None
     if parent is None or os.geteuid() != 0:
         yield
         return
@@ -69,8 +70,10 @@ def _leftovers() -> list[str]:
     left = []
     if not os.path.isdir(sandbox.STATE_DIR):
         return left
-    parent = sandbox._pids_cgroup_parent()
-    cgroups = [n for n in os.listdir(parent) if n.startswith("k2-sandbox-")] if parent else []
+    cgroups = []
+    for controller in ("pids", "memory"):
+        parent = sandbox._cgroup_parent(controller)
+        cgroups += [n for n in os.listdir(parent) if n.startswith("k2-sandbox-")] if parent else []
     for n in range(sandbox.MAX_SLOTS):
         lock = os.path.join(sandbox.STATE_DIR, f"slot-{n}.lock")
         if not os.path.exists(lock):
@@ -127,7 +130,7 @@ def test_infinite_loop_times_out(marker):
 
 @linux_only
 def test_fork_bomb(marker):
-    if os.geteuid() == 0 and sandbox._pids_cgroup_parent() is None and not sandbox._host().bwrap:
+    if os.geteuid() == 0 and sandbox._cgroup_parent("pids") is None and not sandbox._host().bwrap:
         pytest.skip("root without a pids cgroup or bwrap: nothing would bound a fork bomb, never run one")
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     r, wall = _run(code, marker, timeout_s=1.5, max_procs=16)
@@ -516,5 +519,20 @@ def test_sixteen_at_once_with_a_fork_bomb_and_a_memory_bomb(marker):
     for k, r in zip(range(2, 16), rs[2:]):
         assert r.ok and r.stdout == f"{sum(i * i for i in range(k * 1000))}\n{k} 2\n", (k, r)
     uids = {next(x for x in r.isolation if x.startswith("uid=")) for r in rs}
-    assert len(uids) == 16 and not any(r.degraded for r in rs)  # a uid of its own for each
+    assert len(uids) == 16 and all("pids-cgroup" in r.isolation for r in rs)  # a uid and a budget each
     assert _sysvipc() == ipc_before
+
+
+@linux_only
+def test_memory_is_capped_for_the_whole_tree(marker):
+    full_isolation()
+    if sandbox._cgroup_parent("memory") is None:
+        pytest.skip("no writable memory cgroup: memory is capped per process only")
+    code = ("import os, time\nkids = []\nfor _ in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        x = b'x' * (60 << 20)\n        time.sleep(3)\n        os._exit(0)\n    kids.append(pid)\n"
+            "print([os.waitpid(k, 0)[1] for k in kids])\n")
+    # each process stays under RLIMIT_AS (128 MiB); six of them together pass the 200 MiB tree cap
+    r, _ = _run(code, marker, timeout_s=10, memory_mb=128, max_procs=8, tree_memory_mb=200)
+    assert r.killed_for_memory and not r.ok and "memory-cgroup" in r.isolation, r
+    statuses = ast.literal_eval(r.stdout)  # the parent survives and reports its children: some were OOM-killed
+    assert 9 in statuses and len(statuses) == 6
