@@ -53,7 +53,7 @@ References
 
 Run:
     python 05_data.py --help
-    python 05_data.py                          # pipeline counts + one trajectory (seconds)
+    python 05_data.py                          # pipeline counts + one trajectory (5-10 s on 2 cores)
     python 05_data.py --rephrase-experiment    # Table 1 in miniature (a few minutes on 2 CPU cores)
     python 05_data.py --sandbox-demo           # + hostile programs through the sandbox, pool throughput
 """
@@ -75,6 +75,7 @@ from typing import Callable
 
 import torch
 
+import cli
 import sandbox
 
 # ---- tokenizer and chat template ----
@@ -158,8 +159,13 @@ def render_chat(messages: list[dict], tok: Tokenizer, add_generation_prompt: boo
             raise ValueError(f"messages[{i}].role: {role!r} is not one of {ROLES}")
         put([sp[f"<|{role}|>"]], 0)
         m = 1 if role == "assistant" else 0
-        if role == "tool":
-            body = json.dumps({"name": msg.get("name"), "content": msg.get("content", "")}, ensure_ascii=False)
+        if role == "tool":  # a JSON result is inlined as JSON (not re-quoted into a string of escaped quotes)
+            content = msg.get("content", "")
+            try:
+                content = json.loads(content) if content[:1] in "{[" else content
+            except ValueError:
+                pass
+            body = json.dumps({"name": msg.get("name"), "content": content}, ensure_ascii=False)
             put([sp["<|tool_result|>"]] + tok.encode(body) + [sp["<|/tool_result|>"]], 0)
         else:
             put(tok.encode(msg.get("content") or ""), m)
@@ -1315,42 +1321,69 @@ def pretraining_data_counts(seed: int = 0, n_entities: int = 32, n_math: int = 4
 
 
 def show_trajectory(console, rec: dict, tok: Tokenizer) -> None:
+    """The rendered trajectory; the tokens the SFT loss trains on sit between ⟦ and ⟧ (and are green on a terminal)."""
     from rich.panel import Panel
     from rich.text import Text
     sys_msg = rec["messages"][0]  # the tool schemas are long: show their names only
     short = {**sys_msg, "content": sys_msg["content"].split("\nTools:")[0] + "\nTools: [JSON schemas of "
              + ", ".join(t["function"]["name"] for t in rec["tools"]) + "]"}
     ids, mask = render_chat([short] + rec["messages"][1:], tok)
-    text = Text()
-    for i, m in zip(ids, mask):  # bold green: tokens the SFT loss trains on (assistant only)
-        text.append(tok.decode([i]) if i >= 256 else bytes([i]).decode("latin-1"), style="bold green" if m else "dim")
-    console.print(Panel(Text(tok.decode(ids)) if console.no_color else text, title=f"{rec['meta']['task']} "
-                        f"(rendered by the chat template; green = loss mask)"))
+    text, span, prev = Text(), [], 0
+    for i, m in [*zip(ids, mask), (None, -1)]:  # group runs of equal mask; a sentinel flushes the last run
+        if m != prev and span:
+            piece = tok.decode(span)
+            text.append(f"⟦{piece}⟧" if prev else piece, style="bold green" if prev else "dim")
+            span = []
+        if i is not None:
+            span.append(i)
+        prev = m
+    console.print(Panel(text, title=f"{rec['meta']['task']} (rendered by the chat template; ⟦...⟧ = loss mask, "
+                        "the assistant's tokens)"))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="seed for every generator")
-    p.add_argument("--n-tasks", type=int, default=70, help="agentic tasks to synthesise")
-    p.add_argument("--out", default=None, help="write the kept trajectories to this JSONL file")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0,
+                   help="pipeline demo: seed of its one run (the experiment takes --seeds)")
+    p.add_argument("--n-tasks", type=cli.positive_int, default=70, help="agentic tasks to synthesise")
+    p.add_argument("--out", type=cli.out_file, default=None, help="write the kept trajectories to this JSONL file")
     p.add_argument("--sandbox-demo", action="store_true", help="also run hostile programs through the sandbox")
-    p.add_argument("--rephrase-experiment", action="store_true", help="run K2 Table 1 in miniature (minutes)")
-    p.add_argument("--entities", type=int, default=160, help="experiment: people in the knowledge world")
-    p.add_argument("--attributes", type=int, default=1, help="experiment: attributes per person (1-4)")
+    p.add_argument("--rephrase-experiment", action="store_true",
+                   help="run only K2 Table 1 in miniature (minutes), not the pipeline demo")
+    p.add_argument("--entities", type=cli.positive_int, default=160, help="experiment: people in the knowledge world")
+    p.add_argument("--attributes", type=cli.positive_int, choices=range(1, len(ATTRIBUTES) + 1), default=1,
+                   metavar=f"{{1..{len(ATTRIBUTES)}}}", help="experiment: attributes per person")
     p.add_argument("--no-full-names", action="store_true",
-                   help="experiment: biographies name a person once, then 'This person' (default: every sentence)")
-    p.add_argument("--n", type=int, default=10, help="experiment: N (epochs of raw / number of rephrasings)")
-    p.add_argument("--repeat", type=int, default=10, help="experiment: repeat each curriculum (exposures = N*repeat)")
-    p.add_argument("--experts", type=int, default=8, help="experiment: routed experts of the tiny K2 model")
-    p.add_argument("--top-k", type=int, default=2, help="experiment: experts per token")
-    p.add_argument("--threads", type=int, default=1, help="experiment: torch intra-op threads (results depend on it)")
-    p.add_argument("--qa-fraction", type=float, default=0.5, help="experiment: share of entities with QA lines")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="experiment: seeds (one run per seed)")
-    p.add_argument("--batch-size", type=int, default=16, help="experiment: sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="experiment: tokens per sequence")
-    p.add_argument("--lr", type=float, default=3e-3, help="experiment: peak AdamW learning rate")
+                   help="experiment: biographies name a person once, then 'This person' (unset: every sentence)")
+    p.add_argument("--n", type=cli.positive_int, default=10,
+                   help="experiment: N (epochs of raw / number of rephrasings)")
+    p.add_argument("--repeat", type=cli.positive_int, default=10,
+                   help="experiment: repeat each curriculum (exposures = N*repeat)")
+    p.add_argument("--experts", type=cli.positive_int, default=8, help="experiment: routed experts of the tiny K2 model")
+    p.add_argument("--top-k", type=cli.positive_int, default=2, help="experiment: experts per token")
+    p.add_argument("--threads", type=cli.positive_int, default=1,
+                   help="experiment: torch intra-op threads (results depend on it)")
+    p.add_argument("--qa-fraction", type=cli.fraction, default=0.5,
+                   help="experiment: share of entities with QA lines, in (0, 1)")
+    p.add_argument("--seeds", type=cli.nonneg_int_list, default=[0],
+                   help="experiment: comma-separated seeds, one run of every arm per seed")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="experiment: sequences per step")
+    p.add_argument("--seq-len", type=cli.positive_int, default=128, help="experiment: tokens per sequence")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="experiment: peak AdamW learning rate")
     args = p.parse_args(argv)
+    if args.rephrase_experiment:  # the configuration is checked before minutes of rephrasing and training
+        k = round(args.entities * args.qa_fraction)
+        if not 0 < k < args.entities:
+            p.error(f"argument --qa-fraction: {args.qa_fraction} of {args.entities} entities leaves no "
+                    f"{'QA-format' if k == 0 else 'held-out'} entity")
+        if args.out or args.sandbox_demo:
+            p.error(f"argument {'--out' if args.out else '--sandbox-demo'}: belongs to the pipeline demo, "
+                    "not --rephrase-experiment")
+        try:
+            importlib.import_module("02_mla").ModelConfig.tiny(n_routed_experts=args.experts,
+                                                               num_experts_per_tok=args.top_k)
+        except ValueError as err:
+            cli.flag_error(p, err, {"num_experts_per_tok": "--top-k", "n_routed_experts": "--experts"})
     from rich.console import Console
     from rich.table import Table
     console, tok = Console(width=None if sys.stdout.isatty() else 120), Tokenizer()
@@ -1377,7 +1410,8 @@ def main(argv=None):
     rendered = [render_chat(r["messages"], tok) for r in kept]
     n_tok, n_loss = sum(len(i) for i, _ in rendered), sum(sum(m) for _, m in rendered)
     lines = [json.dumps(r, ensure_ascii=False) for r in kept]
-    rows = [("tool specs", f"{len(domains)} domains, {n_sim} simulated", str(len(TOOL_SPECS))),
+    rows = [("tool specs", f"in {len(domains)} domains: {len(TOOL_SPECS) - n_sim} run real code, {n_sim} simulated",
+             str(len(TOOL_SPECS))),
             ("agents", "system prompt + tool subset", str(len(AGENTS))),
             ("tasks with rubrics", ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), str(c["tasks"])),
             ("simulated trajectories", "user simulator x scripted expert x tool runtime", str(c["trajectories"])),
@@ -1396,8 +1430,11 @@ def main(argv=None):
     if args.out:
         write_jsonl(args.out, kept)
     pick = next((r for r in kept if r["meta"]["kind"] == "flight" and any(
-        m["role"] == "tool" and "error" in m["content"] for m in r["messages"])), kept[0])
-    show_trajectory(console, pick, tok)
+        m["role"] == "tool" and "error" in m["content"] for m in r["messages"])), kept[0] if kept else None)
+    if pick is None:
+        console.print(f"the judge kept none of the {args.n_tasks} trajectories: no example to show")
+    else:
+        show_trajectory(console, pick, tok)
     if args.sandbox_demo:
         sandbox.hostile_table(console)
         sandbox.throughput_table(console, n=32, workers=(4,), repeats=5)
@@ -1434,4 +1471,4 @@ def _print_experiment(console, rows: list[dict], args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

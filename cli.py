@@ -133,14 +133,14 @@ def flag_error(parser: argparse.ArgumentParser, err: Exception, flags: dict[str,
     """Turn an API ValueError into argparse's one-line error on the flag the user typed (exits 2).
 
     `flags` maps the API's parameter names to flags, e.g. {"num_experts_per_tok": "--top-k"}. The mapped name
-    that comes first in the message is the flag the error is reported on; every mapped name in the message is
-    replaced by its flag. A message naming none of them passes through unchanged.
+    that comes first in the message is the flag the error is reported on; every mapped name in the message (with
+    any `Owner.` prefix) is replaced by its flag. A message naming none of them passes through unchanged.
     """
     msg = str(err)
-    found = sorted((m.start(), flag) for name, flag in flags.items()
-                   for m in [re.search(rf"\b{re.escape(name)}\b", msg)] if m)
-    for name, flag in flags.items():
-        msg = re.sub(rf"\b{re.escape(name)}\b", flag, msg)
+    pattern = {name: rf"(?:\b[A-Za-z_]\w*\.)?\b{re.escape(name)}\b" for name in flags}  # also `ModelConfig.name`
+    found = sorted((m.start(), flags[name]) for name, pat in pattern.items() for m in [re.search(pat, msg)] if m)
+    for name, pat in pattern.items():
+        msg = re.sub(pat, flags[name], msg)
     if found:
         parser.error(f"argument {found[0][1]}: {msg}")
     parser.error(msg)

@@ -52,6 +52,7 @@ def test_chat_template_and_assistant_only_loss_mask():
     text = tok.decode(ids)
     assert text.startswith("<|bos|><|system|>Be helpful.<|end|><|user|>Add 2 and 3 <|assistant|> please<|end|>")
     assert text.endswith("<|assistant|>It is 5.<|end|><|eos|>")
+    assert '<|tool_result|>{"name": "calculator", "content": {"result": 5}}<|/tool_result|>' in text  # not re-quoted
     # the user's literal "<|assistant|>" stays bytes: exactly two assistant role ids, one per assistant message
     assert ids.count(tok.special_to_id["<|assistant|>"]) == 2
     trained = tok.decode([i for i, m in zip(ids, mask) if m])

@@ -23,8 +23,7 @@ import cli
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["01_moe.py", "02_mla.py", "03_muonclip.py", "04_parallel.py", "05_data.py", "06_rl.py",
            "sandbox.py", "train.py", "bench.py"]
-PENDING = {"05_data.py"}  # moving onto the convention (issue 11), one at a time
-PRESENT = [s for s in SCRIPTS if (ROOT / s).exists() and s not in PENDING]
+PRESENT = [s for s in SCRIPTS if (ROOT / s).exists()]
 
 # (script, argv, flag the error must name). "README.md" is a file where a directory is needed; "tests" a directory
 # where a file is needed.
@@ -58,6 +57,15 @@ BAD = [
     ("03_muonclip.py", ["--clip-wd", "-0.1"], "--clip-wd"),
     ("03_muonclip.py", ["--adamw-lrs", "1e-3", "x"], "--adamw-lrs"),
     ("03_muonclip.py", ["--steps", "1.5"], "--steps"),
+    ("05_data.py", ["--n-tasks", "0"], "--n-tasks"),
+    ("05_data.py", ["--out", "/missing/dir/x.jsonl"], "--out"),
+    ("05_data.py", ["--out", "tests"], "--out"),
+    ("05_data.py", ["--seeds", "0,a"], "--seeds"),
+    ("05_data.py", ["--attributes", "5"], "--attributes"),
+    ("05_data.py", ["--qa-fraction", "1.5"], "--qa-fraction"),
+    ("05_data.py", ["--rephrase-experiment", "--qa-fraction", "1"], "--qa-fraction"),
+    ("05_data.py", ["--rephrase-experiment", "--top-k", "9"], "--top-k"),  # more than the 8 experts
+    ("05_data.py", ["--rephrase-experiment", "--out", "x.jsonl"], "--out"),
 ]
 
 
