@@ -335,7 +335,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, w_gate, w_up, w_down, G, U = ctx.saved_tensors
         dy = dy.contiguous()
-        dx, dweight = torch.empty_like(x), torch.empty_like(weight)
+        need_dx = ctx.needs_input_grad[0]  # False when the layer's input needs no gradient: skip dX's two matmuls
+        dx, dweight = (torch.empty_like(x) if need_dx else None), torch.empty_like(weight)
         dw_gate, dw_up, dw_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
         start = 0
         for e, n in enumerate(ctx.counts):
@@ -354,8 +355,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
             dG = torch.ops.aten.silu_backward(dH * U[rows], G[rows])  # (n, F): dA ⊙ silu'(G), one fused op
             torch.mm(dG.t(), x[rows], out=dw_gate[e])  # (F, D)
             torch.mm(dU.t(), x[rows], out=dw_up[e])  # (F, D)
-            torch.mm(dG, w_gate[e], out=dx[rows])  # (n, D)
-            dx[rows].addmm_(dU, w_up[e])  # dX = dG W_g + dU W_u
+            if need_dx:
+                torch.mm(dG, w_gate[e], out=dx[rows])  # (n, D)
+                dx[rows].addmm_(dU, w_up[e])  # dX = dG W_g + dU W_u
             start += n
         return dx, dweight, None, dw_gate, dw_up, dw_down
 

@@ -63,16 +63,30 @@ ROOT = Path(__file__).resolve().parent
 # ---- measuring: interleaved medians, peak memory ----
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall seconds per call of each fn. Round r calls every fn once, the order rotated by r (A B C, B C A,
-    ...), so a burst of load from other processes lands on all variants alike; `warmup` rounds are not timed."""
-    names = list(fns)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+@dataclass
+class Opts:
+    """How a row runs: micro sizes or real ones, timed rounds, and the clock (wall time, or this process's CPU
+    time: with 1 thread on a loaded machine the steadier one, as it does not count time spent waiting for a core)."""
+
+    quick: bool = False
+    reps: int = 7
+    clock: str = "wall"
+
+
+def interleaved(fns: dict, o: Opts, reps: int | None = None, warmup: int = 1) -> dict[str, float]:
+    """Median seconds (o.clock) per call of each fn. Round r calls every fn once, the order rotated by r (A B C,
+    B C A, ...), so a burst of load from other processes lands on all variants alike; `warmup` rounds are not
+    timed."""
+    names, clock = list(fns), CLOCKS[o.clock]
     times = {k: [] for k in names}
-    for r in range(warmup + reps):
+    for r in range(warmup + (reps or o.reps)):
         for k in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[k]()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if r >= warmup:
                 times[k].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -164,14 +178,15 @@ def _fwd_bwd(module, x0: torch.Tensor, input_grad: bool):
     return step
 
 
-def row_moe(quick: bool, reps: int) -> RowResult:
+def row_moe(o: Opts) -> RowResult:
+    quick = o.quick
     moe, dense, (T, D, E, K, Fd) = _moe_pair(quick)
     x0 = torch.randn(1, T, D)
     fns = {}
     for grad in (True, False):
         fns[("dense", grad)] = _fwd_bwd(dense, x0, grad)
         fns[("moe", grad)] = _fwd_bwd(moe, x0, grad)
-    med = interleaved(fns, reps)
+    med = interleaved(fns, o)
     res = RowResult("moe")
     with_grad = med[("moe", True)] / med[("dense", True)]
     no_grad = med[("moe", False)] / med[("dense", False)]
@@ -185,7 +200,8 @@ def row_moe(quick: bool, reps: int) -> RowResult:
     return res
 
 
-def row_moe_dispatch(quick: bool, reps: int) -> RowResult:
+def row_moe_dispatch(o: Opts) -> RowResult:
+    quick = o.quick
     moe, _, (T, D, E, K, Fd) = _moe_pair(quick)
     x0 = torch.randn(1, T, D)
     res = RowResult("moe_dispatch")
@@ -212,7 +228,7 @@ def row_moe_dispatch(quick: bool, reps: int) -> RowResult:
                 res.notes.append(f"moe_dispatch: DeepseekV3MoE ({impl}) skipped: {type(err).__name__}: {err}")
                 continue
             fns[f"transformers DeepseekV3MoE ({impl})"] = _fwd_bwd(hf, x0, True)
-    med = interleaved(fns, reps)
+    med = interleaved(fns, o)
     for name, t in med.items():
         if name != "fast":
             r = t / med["fast"]
@@ -221,10 +237,11 @@ def row_moe_dispatch(quick: bool, reps: int) -> RowResult:
     return res
 
 
-def row_moe_scaling(quick: bool, reps: int) -> RowResult:
+def row_moe_scaling(o: Opts) -> RowResult:
+    quick = o.quick
     moe, _, (T, D, *_rest) = _moe_pair(quick)
     xs = {m: torch.randn(1, m * T, D) for m in (1, 2, 4)}
-    med = interleaved({m: _fwd_bwd(moe, x, True) for m, x in xs.items()}, reps)
+    med = interleaved({m: _fwd_bwd(moe, x, True) for m, x in xs.items()}, o)
     res = RowResult("moe_scaling")
     for m in (2, 4):
         res.lines.append(Line(f"MoE fwd+bwd at {m}x tokens ({m * T})", f"1x tokens ({T})", med[m] / med[1],
@@ -284,7 +301,8 @@ def _decode_setup(quick: bool, context: int, batch: int = 1, full_kv: bool = Fal
     return mla, cfg, attn, c_kv, k_rope, kv, x, cos, sin
 
 
-def row_mla_decode(quick: bool, reps: int) -> RowResult:
+def row_mla_decode(o: Opts) -> RowResult:
+    quick = o.quick
     context = 256 if quick else 4096
     mla, cfg, attn, c_kv, k_rope, (k_full, v_full), x, cos, sin = _decode_setup(quick, context, full_kv=True)
 
@@ -294,7 +312,7 @@ def row_mla_decode(quick: bool, reps: int) -> RowResult:
 
     with torch.no_grad():
         med = interleaved({"absorbed": latent(True), "naive": latent(False),
-                           "full": lambda: full_kv_decode(attn, x, cos, sin, k_full, v_full, context)}, reps * 3)
+                           "full": lambda: full_kv_decode(attn, x, cos, sin, k_full, v_full, context)}, o, o.reps * 3)
     res = RowResult("mla_decode")
     mla_vals = mla.kv_cache_values_per_token(cfg)
     mha_vals = mla.kv_cache_values_per_token(cfg, "mha")
@@ -315,7 +333,8 @@ def row_mla_decode(quick: bool, reps: int) -> RowResult:
     return res
 
 
-def row_decode_scaling(quick: bool, reps: int) -> RowResult:
+def row_decode_scaling(o: Opts) -> RowResult:
+    quick = o.quick
     contexts = (64, 256, 1024) if quick else (1024, 4096, 16384)
     steps = {}
     for n in contexts:
@@ -324,7 +343,7 @@ def row_decode_scaling(quick: bool, reps: int) -> RowResult:
         steps[n] = (lambda attn=attn, x=x, cos=cos, sin=sin, cache=cache, n=n:
                     attn(x, cos, sin, start_pos=n, cache=cache))
     with torch.no_grad():
-        med = interleaved(steps, reps * 3)
+        med = interleaved(steps, o, o.reps * 3)
     res = RowResult("decode_scaling")
     base = contexts[0]
     for n in contexts[1:]:
@@ -343,7 +362,8 @@ def _batch(cfg, quick: bool):
     return x[:, :-1], x[:, 1:]
 
 
-def row_muonclip(quick: bool, reps: int) -> RowResult:
+def row_muonclip(o: Opts) -> RowResult:
+    quick = o.quick
     mla = importlib.import_module("02_mla")
     mc = importlib.import_module("03_muonclip")
     cfg = bench_config(quick)
@@ -366,7 +386,7 @@ def row_muonclip(quick: bool, reps: int) -> RowResult:
             split.setdefault(key, []).append((t1 - t0, time.perf_counter() - t1))
         return run
 
-    med = interleaved({"adamw": step(model_a, opt_a, "adamw"), "muonclip": step(model_m, opt_m, "muonclip")}, reps)
+    med = interleaved({"adamw": step(model_a, opt_a, "adamw"), "muonclip": step(model_m, opt_m, "muonclip")}, o)
     res = RowResult("muonclip")
     overhead = med["muonclip"] / med["adamw"] - 1
     opt_share = {k: statistics.median(o for _, o in v) / statistics.median(f + o for f, o in v) for k, v in split.items()}
@@ -386,7 +406,8 @@ def train_flops_per_step(cfg, batch: int, seq: int) -> float:
     return 3 * fwd * batch * seq
 
 
-def row_pretrain(quick: bool, reps: int) -> RowResult:
+def row_pretrain(o: Opts) -> RowResult:
+    quick = o.quick
     mla = importlib.import_module("02_mla")
     cfg = bench_config(quick)
     idx, targets = _batch(cfg, quick)
@@ -417,7 +438,7 @@ def row_pretrain(quick: bool, reps: int) -> RowResult:
     n = 256 if quick else 1024  # the matmul peak is timed inside the same rounds as the steps
     a, b = torch.randn(n, n), torch.randn(n, n)
     fns["matmul"] = lambda: [a @ b for _ in range(4)]
-    med = interleaved(fns, reps)
+    med = interleaved(fns, o)
     B, S = idx.shape
     if "hf" in med:
         r = med["ours"] / med["hf"]
@@ -436,13 +457,14 @@ def row_pretrain(quick: bool, reps: int) -> RowResult:
 # ---- rows: checkpoint engine, train.py ----
 
 
-def row_engine(quick: bool, reps: int) -> RowResult:
+def row_engine(o: Opts) -> RowResult:
     res = RowResult("engine", available=False)
     res.notes.append("engine: not yet available (chapter 6's CheckpointEngine is not on this branch)")
     return res
 
 
-def row_train(quick: bool, reps: int) -> RowResult:
+def row_train(o: Opts) -> RowResult:
+    quick = o.quick
     if not (ROOT / "train.py").exists():
         res = RowResult("train", available=False)
         res.notes.append("train: not yet available (train.py is not on this branch)")
@@ -472,25 +494,25 @@ ROWS = {
 DEFAULT_ROWS = [name for name in ROWS if name != "train"]  # train.py takes up to 10 minutes: --only train
 
 
-def _run_row(name: str, quick: bool, reps: int, threads: int | None) -> dict:
+def _run_row(name: str, o: Opts, threads: int | None) -> dict:
     """A row inside its own (spawned) process: peak RSS is the row's own."""
     if threads:
         torch.set_num_threads(threads)
     base = _rss_mib()
     t0 = time.perf_counter()
-    res = ROWS[name](quick, reps)
+    res = ROWS[name](o)
     res.seconds = time.perf_counter() - t0
     res.peak_rss_mib = _peak_rss_mib()
     res.row_rss_mib = max(res.peak_rss_mib - base, 0.0)
     return asdict(res)
 
 
-def run_rows(names: list[str], quick: bool, reps: int, threads: int | None, on_row=None) -> list[dict]:
+def run_rows(names: list[str], o: Opts, threads: int | None, on_row=None) -> list[dict]:
     ctx = multiprocessing.get_context("spawn")
     out = []
     for name in names:
         with ctx.Pool(1) as pool:
-            row = pool.apply(_run_row, (name, quick, reps, threads))
+            row = pool.apply(_run_row, (name, o, threads))
         out.append(row)
         if on_row:
             on_row(row)
@@ -536,6 +558,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=cli.out_file, default=None, help="also write the results to this JSON file")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch CPU threads (unset: torch's default)")
     p.add_argument("--reps", type=cli.positive_int, default=None, help="timed rounds per row (unset: 7, 2 with --quick)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="what is timed: wall time, or the process's CPU time (steadier with --threads 1 under load)")
     p.add_argument("--quick", action="store_true", help="micro sizes: checks the plumbing, the figures mean nothing")
     args = p.parse_args(argv)
     names = list(dict.fromkeys(args.only)) if args.only else DEFAULT_ROWS
@@ -545,12 +569,14 @@ def main(argv=None) -> int:
     console = Console(width=max(shutil.get_terminal_size().columns, 150))
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    rows = run_rows(names, args.quick, reps, args.threads,
+    o = Opts(quick=args.quick, reps=reps, clock=args.clock)
+    rows = run_rows(names, o, args.threads,
                     on_row=lambda r: console.print(f"{r['name']}: done in {r['seconds']:.0f} s, " + "; ".join(
                         f"{ln['what']}: {_fmt_ratio(ln)}" for ln in r["lines"]) + ("; ".join(r["notes"]) if not r["lines"] else "")))
     load_after = os.getloadavg()[0]
     info = machine()
-    title = (f"bench.py{' --quick' if args.quick else ''}: ratios of medians of {reps} interleaved rounds, "
+    title = (f"bench.py{' --quick' if args.quick else ''}: ratios of medians ({args.clock} time) of {reps} "
+             f"interleaved rounds, "
              f"{info['threads']} threads on {info['cores']} cores, load average {load_before:.1f} before, "
              f"{load_after:.1f} after, torch {info['torch']}")
     console.print(table(rows, title))
@@ -562,7 +588,7 @@ def main(argv=None) -> int:
                   "after the imports.")
     if args.json:
         payload = dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
-                       machine=info, quick=args.quick, reps=reps, load_average=[load_before, load_after],
+                       machine=info, quick=args.quick, reps=reps, clock=args.clock, load_average=[load_before, load_after],
                        seconds=time.perf_counter() - t0, rows=rows)
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:

@@ -102,7 +102,8 @@ def test_bias_is_a_buffer_without_grad():
                                 dict(norm_topk_prob=False, n_group=2, topk_group=1, aux_loss_alpha=0.1),
                                 # odd widths and an expert count that is not a power of two
                                 dict(hidden_size=10, moe_intermediate_size=6, n_routed_experts=5)])
-def test_naive_equals_fast_outputs_and_gradients(kw):
+@pytest.mark.parametrize("input_grad", [True, False])  # False: the fast path skips dX (nobody asked for it)
+def test_naive_equals_fast_outputs_and_gradients(kw, input_grad):
     moe = small_moe(**kw)
     moe.router.e_score_correction_bias.uniform_(-0.2, 0.2)
     x = torch.randn(3, 7, moe.experts.w_gate.shape[-1])  # (B, S, D)
@@ -110,13 +111,13 @@ def test_naive_equals_fast_outputs_and_gradients(kw):
     for dispatch in ("naive", "fast"):
         moe.dispatch = dispatch
         moe.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
+        xi = x.clone().requires_grad_(input_grad)
         y, stats = moe(xi)
         (y.pow(2).sum() + y.sum() + stats.aux_loss).backward()
         results[dispatch] = (y, xi.grad, {n: p.grad for n, p in moe.named_parameters()}, stats.load)
     (yn, gn, pn, ln), (yf, gf, pf, lf) = results["naive"], results["fast"]
     torch.testing.assert_close(yn, yf)
-    torch.testing.assert_close(gn, gf)
+    torch.testing.assert_close(gn, gf)  # both None without an input gradient
     torch.testing.assert_close(ln, lf)
     for name in pn:
         torch.testing.assert_close(pn[name], pf[name], msg=lambda m, name=name: f"{name}: {m}")

@@ -21,7 +21,7 @@ def test_quick_rows_write_the_json_schema(tmp_path):
                            "mla_decode", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert {"command", "machine", "quick", "reps", "load_average", "seconds", "rows"} <= set(data)
+    assert {"command", "machine", "quick", "reps", "clock", "load_average", "seconds", "rows"} <= set(data)
     assert data["quick"] is True and data["machine"]["threads"] == 1
     assert [r["name"] for r in data["rows"]] == ["moe", "mla_decode"]
     for row in data["rows"]:
@@ -34,7 +34,7 @@ def test_quick_rows_write_the_json_schema(tmp_path):
 
 
 def test_unavailable_row_says_so():
-    row = bench._run_row("engine", quick=True, reps=1, threads=1)
+    row = bench._run_row("engine", bench.Opts(quick=True, reps=1), threads=1)
     if not row["available"]:
         assert row["lines"] == [] and "not yet available" in row["notes"][0]
 
