@@ -116,6 +116,7 @@ class Line:
     target: str
     met: bool | None  # None: no target (a scaling line or an informative figure)
     detail: str = ""
+    unit: str = "x"  # how the figure prints: "x" (a ratio), "%" (a share), "min"
 
 
 @dataclass
@@ -363,37 +364,43 @@ def _batch(cfg, quick: bool):
 
 
 def row_muonclip(o: Opts) -> RowResult:
-    quick = o.quick
     mla = importlib.import_module("02_mla")
     mc = importlib.import_module("03_muonclip")
-    cfg = bench_config(quick)
-    idx, targets = _batch(cfg, quick)
+    cfg = bench_config(o.quick)
+    idx, targets = _batch(cfg, o.quick)
     torch.manual_seed(0)
-    model_a = mla.Transformer(cfg)
-    model_m = mla.Transformer(cfg)
-    model_m.load_state_dict(model_a.state_dict())
-    opt_a = torch.optim.AdamW(model_a.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    opt_m = mc.MuonClip(model_m, lr=2e-3, adamw_lr=1e-3, tau=100.0)  # records S_max in every forward
-    split = {}
+    models = {k: mla.Transformer(cfg) for k in ("adamw", "muonclip", "muonclip_bf16")}
+    for m in models.values():
+        m.load_state_dict(models["adamw"].state_dict())
+    opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1),
+            # MuonClip records S_max in every forward and runs QK-Clip after every step
+            "muonclip": mc.MuonClip(models["muonclip"], lr=2e-3, adamw_lr=1e-3, tau=100.0),
+            "muonclip_bf16": mc.MuonClip(models["muonclip_bf16"], lr=2e-3, adamw_lr=1e-3, tau=100.0,
+                                         ns_dtype=torch.bfloat16)}
+    split = {k: [] for k in models}
 
-    def step(model, opt, key):
+    def step(key):
         def run():
-            t0 = time.perf_counter()
-            model(idx, targets).loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            split.setdefault(key, []).append((t1 - t0, time.perf_counter() - t1))
+            t0 = CLOCKS[o.clock]()
+            models[key](idx, targets).loss.backward()
+            t1 = CLOCKS[o.clock]()
+            opts[key].step()
+            opts[key].zero_grad(set_to_none=True)
+            split[key].append((t1 - t0, CLOCKS[o.clock]() - t1))
         return run
 
-    med = interleaved({"adamw": step(model_a, opt_a, "adamw"), "muonclip": step(model_m, opt_m, "muonclip")}, o)
+    med = interleaved({k: step(k) for k in models}, o)
+    share = {k: statistics.median(b for _, b in v) / statistics.median(a + b for a, b in v) for k, v in split.items()}
     res = RowResult("muonclip")
-    overhead = med["muonclip"] / med["adamw"] - 1
-    opt_share = {k: statistics.median(o for _, o in v) / statistics.median(f + o for f, o in v) for k, v in split.items()}
-    res.lines.append(Line("train step with MuonClip (Newton-Schulz, S_max, QK-Clip): overhead",
-                          "the same step with torch AdamW", overhead, "<= 10%", overhead <= 0.10,
-                          f"{_ms(med['muonclip'])} vs {_ms(med['adamw'])}; optimizer {100 * opt_share['muonclip']:.0f}% "
-                          f"vs {100 * opt_share['adamw']:.0f}% of the step"))
+    for key, label in (("muonclip", "fp32"), ("muonclip_bf16", "bf16")):
+        overhead = med[key] / med["adamw"] - 1
+        res.lines.append(Line(f"train step with MuonClip, {label} Newton-Schulz: overhead", "the same step with torch "
+                              "AdamW", overhead, "<= 10%", overhead <= 0.10, f"{_ms(med[key])} vs {_ms(med['adamw'])}; "
+                              f"optimizer {100 * share[key]:.0f}% vs {100 * share['adamw']:.0f}% of the step", "%"))
+    ns = sum(mc.newton_schulz_flops(p.shape) for _, p in mc.split_params(models["adamw"])[0])
+    fb = train_flops_per_step(cfg, *idx.shape)
+    res.lines.append(Line("Newton-Schulz FLOPs per step", "forward+backward FLOPs", ns / fb, "-", None,
+                          f"{ns / 1e9:.1f} vs {fb / 1e9:.1f} GFLOP ({idx.numel()} tokens per step)", "%"))
     return res
 
 
@@ -448,7 +455,7 @@ def row_pretrain(o: Opts) -> RowResult:
     mfu = train_flops_per_step(cfg, B, S) / med["ours"] / peak
     res.lines.append(Line("pretraining throughput (MFU)", f"fp32 {n}x{n} matmul peak, same run", mfu, ">= 50%",
                           mfu >= 0.50, f"{train_flops_per_step(cfg, B, S) / med['ours'] / 1e9:.1f} vs "
-                          f"{peak / 1e9:.1f} GFLOP/s"))
+                          f"{peak / 1e9:.1f} GFLOP/s", "%"))
     if torch.cuda.is_available():
         res.notes.append("pretrain: a GPU is present but this row measured the CPU (fp32)")
     return res
@@ -476,7 +483,7 @@ def row_train(o: Opts) -> RowResult:
         wall = time.perf_counter() - t0
     res = RowResult("train")
     res.lines.append(Line("`python train.py` default, wall clock (minutes)", "10 minutes", wall / 60, "<= 10 min",
-                          wall <= 600, f"{wall:.0f} s"))
+                          wall <= 600, f"{wall:.0f} s", "min"))
     return res
 
 
@@ -523,9 +530,9 @@ def run_rows(names: list[str], o: Opts, threads: int | None, on_row=None) -> lis
 
 
 def _fmt_ratio(line: dict) -> str:
-    if "%" in line["target"]:
+    if line["unit"] == "%":
         return f"{100 * line['ratio']:.0f}%"
-    if "min" in line["target"]:
+    if line["unit"] == "min":
         return f"{line['ratio']:.1f} min"
     return f"{line['ratio']:.2f}x"
 
