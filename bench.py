@@ -19,7 +19,8 @@ Rows (`--only NAME` runs one; repeat the flag for several):
                   QK-Clip) vs the same step with AdamW
     pretrain      a pretraining step at the bench preset vs transformers' DeepseekV3ForCausalLM (same weights via
                   chapter 2's interop), and its MFU against a matmul peak measured in the same run
-    engine        chapter 6's checkpoint engine: bucketed broadcast vs one buffer, and vs one broadcast per tensor
+    engine        chapter 6's checkpoint engine (1 trainer, 2 workers on gloo): bucketed broadcast vs one buffer,
+                  and vs one broadcast per tensor, at 2 model sizes
     train         `python train.py` wall clock (up to 10 min: only with --only train)
 
 Bench preset (rows pretrain and muonclip): chapter 2's tiny() with hidden 256, dense FFN 672, expert width 64
@@ -464,9 +465,77 @@ def row_pretrain(o: Opts) -> RowResult:
 # ---- rows: checkpoint engine, train.py ----
 
 
+def _engine_rank(rank: int, world: int, init_file: str, widths: list[int], reps: int, clock: str, out: str) -> None:
+    """One rank of the engine row (rank 0 the trainer, the rest rollout workers), over gloo."""
+    import torch.distributed as dist
+
+    rl = importlib.import_module("06_rl")
+    mla = importlib.import_module("02_mla")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result = {}
+    for width in widths:
+        cfg = mla.ModelConfig.tiny(hidden_size=width, intermediate_size=int(2.625 * width),
+                                   moe_intermediate_size=width // 4)
+        torch.manual_seed(0 if rank == 0 else 1000 + rank)  # workers start from other weights
+        tensors = dict(mla.Transformer(cfg).state_dict())
+        engine = rl.CheckpointEngine().register(tensors)
+        fns = {"engine": engine.update, "flat": lambda t=tensors: rl._flat_update(t, 0, rank == 0),
+               "per_tensor": lambda t=tensors: rl._per_tensor_update(t, 0)}
+        times = {k: [] for k in fns}
+        names = list(fns)
+        for r in range(1 + reps):  # rotated order as in `interleaved`; barriers keep the ranks in step
+            for k in names[r % 3:] + names[: r % 3]:
+                dist.barrier()
+                t0 = CLOCKS[clock]()
+                fns[k]()
+                dist.barrier()
+                if r:
+                    times[k].append(CLOCKS[clock]() - t0)
+        engine.update(verify=True)  # raises on every rank if any tensor differs
+        result[width] = dict(bytes=sum(t.numel() * t.element_size() for t in tensors.values()), n=len(tensors),
+                             med={k: statistics.median(v) for k, v in times.items()})
+    peaks = [None] * world
+    dist.all_gather_object(peaks, _peak_rss_mib())
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(dict(result=result, peak=max(peaks)), f)
+    dist.destroy_process_group()
+
+
 def row_engine(o: Opts) -> RowResult:
-    res = RowResult("engine", available=False)
-    res.notes.append("engine: not yet available (chapter 6's CheckpointEngine is not on this branch)")
+    try:
+        importlib.import_module("06_rl").CheckpointEngine  # noqa: B018
+    except (ImportError, AttributeError):
+        res = RowResult("engine", available=False)
+        res.notes.append("engine: not yet available (chapter 6's CheckpointEngine is not on this branch)")
+        return res
+    import torch.multiprocessing as tmp_mp
+
+    widths, world = ([64, 128] if o.quick else [256, 512]), 3
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "engine.json")
+        tmp_mp.spawn(_engine_rank, args=(world, os.path.join(tmp, "store"), widths, o.reps, o.clock, out),
+                     nprocs=world)
+        with open(out) as f:
+            got = json.load(f)
+    res = RowResult("engine", peak_rss_mib=got["peak"])
+    for width in widths:
+        r = got["result"][str(width)]
+        med, mib = r["med"], r["bytes"] / 2**20
+        size = f"{mib:.1f} MiB, {r['n']} tensors"
+        ratio = med["flat"] / med["engine"]
+        res.lines.append(Line(f"engine update, {size} (throughput ratio)", "one broadcast of a single buffer",
+                              ratio, ">= 0.80x", ratio >= 0.80, f"{_ms(med['engine'])} vs {_ms(med['flat'])}"))
+        ratio = med["per_tensor"] / med["engine"]
+        res.lines.append(Line(f"engine update, {size} (speed-up)", "one broadcast per tensor", ratio, ">= 2.00x",
+                              ratio >= 2.0, f"{_ms(med['engine'])} vs {_ms(med['per_tensor'])}"))
+    w0, w1 = (got["result"][str(w)] for w in widths)
+    res.lines.append(Line(f"engine update at {w1['bytes'] / 2**20:.0f} MiB", f"at {w0['bytes'] / 2**20:.1f} MiB",
+                          w1["med"]["engine"] / w0["med"]["engine"], f"~{w1['bytes'] / w0['bytes']:.0f}x (bytes)", None,
+                          f"{_ms(w1['med']['engine'])} vs {_ms(w0['med']['engine'])}"))
+    res.notes.append(f"engine: 1 trainer -> {world - 1} rollout workers, gloo on CPU, 1 thread each, 4 MiB buckets; "
+                     "tiny K2 at hidden " + " and ".join(map(str, widths)) + "; checksums verified after the timing")
     return res
 
 
@@ -509,20 +578,40 @@ def _run_row(name: str, o: Opts, threads: int | None) -> dict:
     t0 = time.perf_counter()
     res = ROWS[name](o)
     res.seconds = time.perf_counter() - t0
-    res.peak_rss_mib = _peak_rss_mib()
+    res.peak_rss_mib = max(res.peak_rss_mib, _peak_rss_mib())  # a row with worker processes reports theirs
     res.row_rss_mib = max(res.peak_rss_mib - base, 0.0)
     return asdict(res)
 
 
+def _row_process(name: str, o: Opts, threads: int | None, conn) -> None:
+    try:
+        conn.send(("ok", _run_row(name, o, threads)))
+    except BaseException as err:  # noqa: BLE001 - reported by the parent, which raises
+        import traceback
+
+        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+    conn.close()
+
+
 def run_rows(names: list[str], o: Opts, threads: int | None, on_row=None) -> list[dict]:
+    """Each row in a fresh spawned process (not a daemon: the engine row starts its own ranks)."""
     ctx = multiprocessing.get_context("spawn")
     out = []
     for name in names:
-        with ctx.Pool(1) as pool:
-            row = pool.apply(_run_row, (name, o, threads))
-        out.append(row)
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_row_process, args=(name, o, threads, send))
+        proc.start()
+        send.close()
+        try:
+            status, payload = recv.recv()
+        except EOFError:
+            status, payload = "error", f"the row's process died (exit code {proc.join() or proc.exitcode})"
+        proc.join()
+        if status == "error":
+            raise RuntimeError(f"row {name} failed: {payload}")
+        out.append(payload)
         if on_row:
-            on_row(row)
+            on_row(payload)
     return out
 
 
