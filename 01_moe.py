@@ -72,7 +72,7 @@ References
 Run:
     python 01_moe.py --help
     python 01_moe.py                      # load balance with and without the bias update (15-30 s on 2 cores)
-    python 01_moe.py --sparsity-sweep     # sparsity scaling law in miniature (+ figures/sparsity_scaling.png)
+    python 01_moe.py --sparsity-sweep     # sparsity law in miniature, figures/sparsity_scaling.png (70 s of CPU)
     python 01_moe.py --bench              # fast dispatch vs dense SwiGLU vs transformers' DeepseekV3MoE
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824 \
         python 01_moe.py --bench          # the same with glibc keeping freed memory (no page faults per step)

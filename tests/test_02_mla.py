@@ -11,7 +11,7 @@ from conftest import load
 m = load("02_mla")
 ModelConfig, Transformer = m.ModelConfig, m.Transformer
 
-# The real Kimi K2 config.json (moonshotai/Kimi-K2-Instruct), values as in REFERENCE.md section 1.
+# The real Kimi K2 config.json, as published at https://huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json
 K2_CONFIG_JSON = {
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",

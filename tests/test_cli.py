@@ -215,3 +215,13 @@ def test_path_validators(tmp_path):
         ro.mkdir(mode=0o500)
         with pytest.raises(argparse.ArgumentTypeError):
             cli.out_dir(str(ro / "x"))
+
+
+def test_repository_ships_every_file_it_cites():
+    """README, the scripts and the tests name only .md files that are in the repository (or cite a public URL)."""
+    import re
+
+    texts = [ROOT / "README.md", ROOT / "pyproject.toml", *ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]
+    for path in texts:
+        for name in re.findall(r"(?<![\w/.:-])([\w./-]+\.md)\b", path.read_text()):
+            assert (ROOT / name).exists(), f"{path.name} cites {name}, which the repository does not contain"
