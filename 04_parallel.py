@@ -1,0 +1,835 @@
+"""Chapter 4: pipeline, expert and ZeRO-1 data parallelism on torch.distributed.
+
+What it is. One GPU holds neither Kimi K2's 1.04T parameters nor their optimizer state, so training splits
+the work three ways (K2 report §2.4.1: 16-way pipeline parallelism with virtual stages, 16-way expert
+parallelism, ZeRO-1 data parallelism):
+- Pipeline parallelism (PP): the 61 decoder layers are cut into stages, one per rank of a pipeline; a batch is
+  cut into micro-batches that flow through the stages, activations forward and their gradients backward, by
+  point-to-point send/recv. The schedule decides the order: GPipe (all forwards, then all backwards: the peak
+  holds every micro-batch's activations), 1F1B (after a warm-up, one forward then one backward: at most
+  pp - stage micro-batches in flight), and interleaved 1F1B (each rank holds 2 non-adjacent "virtual" stages,
+  which shrinks the bubble, the idle start and end of the pipeline, by the number of virtual stages).
+- Expert parallelism (EP): the routed experts of each MoE layer are split over the ranks of an EP group
+  (stacked weights sharded on dim 0); each token is sent to the rank holding its expert with an all_to_all
+  (uneven splits: counts are exchanged first), and the results come back with the reverse all_to_all.
+  Attention, router and shared expert are replicated; the EP ranks read different data.
+- ZeRO-1 data parallelism (DP): replicas read different data and average their gradients; the optimizer state
+  is partitioned, each rank owning whole parameters (balanced by size, so Muon's Newton-Schulz sees whole
+  matrices); owners update and broadcast. Moonlight's Distributed Muon is the option `zero="distributed_muon"`:
+  each rank keeps a 1/n slice of every parameter's state, gradients are reduce-scattered, the full momentum
+  matrix is all-gathered for Newton-Schulz, each rank applies its slice of the update and parameters are
+  all-gathered. Same result (a test checks both against one process).
+
+The ranks form a (pp, dp, ep) grid, ep fastest: rank = (pp_rank · dp + dp_rank) · ep + ep_rank, so an EP group
+(the heaviest traffic, all_to_all every MoE layer) sits on neighbouring ranks, i.e. inside a node.
+
+    data shard of a rank = dp_rank · ep + ep_rank  (the dp x ep ranks of a stage read different sequences)
+    non-expert gradient   = Σ over the dp x ep ranks of the stage / (dp·ep)
+    expert gradient       = Σ over the dp ranks holding the same shard / (dp·ep)   (EP already summed the tokens)
+    router load, S_max    = Σ (resp. max) over micro-batches, then over the dp x ep ranks of the stage
+
+Design choices
+- Model code stays single-device; parallelism is applied from outside, in one order (the torchtitan way):
+  1. `ParallelDims` checks the layout, `init_distributed` builds the process groups (or none in one process);
+  2. `build_model` builds the full model from the seed, keeps this rank's pipeline chunk(s) (chapter 2's
+     `Transformer(cfg, layer_ids=..., embed=..., head=...)`) and shards their experts (`ExpertParallelMoE`);
+  3. `make_optimizer` wraps chapter 3's MuonClip in ZeRO-1 (`ZeroMuonClip`);
+  4. `train_step` runs the pipeline schedule over micro-batches, then the optimizer (gradient averaging,
+     update, broadcast, QK-Clip with S_max all-reduced by MAX) and the router bias update.
+- Schedules are data: lists of (F|B, micro-batch, chunk) per rank, executed by one function with blocking
+  recv and non-blocking send (never a deadlock for a schedule whose dependencies are acyclic), and simulated
+  to draw the rank x time tables below. Messages carry tags (gloo); the order of sends on each rank pair equals
+  the order of receives (NCCL matches in order; a test checks it for every schedule).
+- Every collective has the process group's timeout (`init_distributed(timeout_s=...)`): a dead rank turns into
+  an error on the others instead of a hang. With world size 1 no process group is created at all.
+- Checkpoints use torch.distributed.checkpoint (DCP) with layout-free keys (global layer ids, one key per
+  expert), so a checkpoint saved under one layout loads under any other. Written to a temp dir, then renamed.
+
+API for train.py
+    dims   = ParallelDims.from_env(pp=2, ep=2, schedule="1f1b", n_microbatches=4)   # dp = WORLD_SIZE / (pp·ep)
+    layout = init_distributed(dims, cfg)                 # process groups (none when WORLD_SIZE is 1)
+    model  = build_model(cfg, layout, seed=0)            # this rank's RankModel
+    opt    = make_optimizer(model, lr=..., adamw_lr=..., tau=..., zero="owner")
+    loss   = train_step(model, opt, idx, targets)        # same global batch on every rank; returns the mean loss
+    save_checkpoint(path, model, opt) / load_checkpoint(path, model, opt)
+    close_distributed(layout)
+`train_step` slices this rank's share of the global batch (B must divide by dp·ep·n_microbatches), runs
+forward/backward, averages gradients, steps the optimizer, applies QK-Clip and updates the router biases.
+
+Schedules (pp = 4, 4 micro-batches; `python 04_parallel.py --schedules` prints them from the code):
+    GPipe:           rank 0: F0 F1 F2 F3 .  .  .  .  .  .  B0 B1 B2 B3          peak: 4 micro-batches in flight
+                     rank 3: .  .  .  F0 F1 F2 F3 B0 B1 B2 B3 ...
+    1F1B:            rank 0: F0 F1 F2 F3 .  .  B0 .  B1 .  B2 .  B3             peak: pp - rank micro-batches
+                     rank 3: .  .  .  F0 B0 F1 B1 F2 B2 F3 B3
+    interleaved 1F1B (2 chunks per rank, chunk v = stages r and r + pp): shorter bubble, same peak order.
+
+Simplified vs K2
+- Tiny model on CPU (gloo) by default; NCCL + bf16 autocast on GPUs. No overlap of EP all_to_all with compute
+  (K2 hides it behind extra warm-up micro-batches), no tensor parallelism, no activation recomputation or
+  offloading, no FP8 storage of activations.
+- `build_model` initialises the whole model on every rank and keeps its part (fine at the sizes trained here; a
+  K2-size run initialises each stage on the meta device and loads a checkpoint).
+- ZeRO-1 averages gradients with an all-reduce (ZeRO-1 partitions only the optimizer state; reduce-to-owner or
+  ZeRO-2 would also cut gradient memory). The distributed-Muon option partitions each parameter evenly.
+
+References
+- Kimi K2 (arXiv:2507.20534) §2.4.1 (16-way PP with virtual stages, 16-way EP, ZeRO-1).
+- Moonlight, "Muon is Scalable for LLM Training" (arXiv:2502.16982) §3 (Distributed Muon).
+- Huang et al., GPipe (arXiv:1811.06965); Narayanan et al., PipeDream 1F1B (arXiv:1806.03377) and Megatron-LM
+  interleaved schedule (arXiv:2104.04473) §2.2; Rajbhandari et al., ZeRO (arXiv:1910.02054);
+  DeepSeek-V3 (arXiv:2412.19437) §3.2 (EP all-to-all); torchtitan (arXiv:2410.06511).
+
+Run:
+    python 04_parallel.py --help
+    python 04_parallel.py                              # how to launch, schedule tables, K2 memory table
+    torchrun --nproc_per_node=4 04_parallel.py         # every layout of 4 ranks vs one process (~2 min on CPU)
+    torchrun --nproc_per_node=8 04_parallel.py         # on a GPU node (NCCL, bf16 autocast)
+"""
+
+import datetime
+import importlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+cli = importlib.import_module("cli")
+moe_lib = importlib.import_module("01_moe")
+mla = importlib.import_module("02_mla")
+mc = importlib.import_module("03_muonclip")
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+ZERO_MODES = ("owner", "distributed_muon")
+
+# ---- the layout: pp x dp x ep ranks ----
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """pp x ep x dp = world size; the schedule and micro-batches of the pipeline. Errors name the flags."""
+
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    schedule: str = "1f1b"
+    n_microbatches: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.ep * self.dp
+
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per rank: 2 for the interleaved schedule (as K2), else 1."""
+        return 2 if self.schedule == "interleaved" else 1
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def __post_init__(self):
+        for name, flag in (("pp", "--pp"), ("ep", "--ep"), ("dp", "--dp"), ("n_microbatches", "--microbatches")):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} ({flag}) must be a positive integer, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule (--schedule) must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.pp > 1 and self.n_microbatches < self.pp:
+            raise ValueError(f"n_microbatches (--microbatches) = {self.n_microbatches} < pp (--pp) = {self.pp}: "
+                             "the pipeline would never fill; use at least one micro-batch per stage")
+        if self.schedule == "interleaved" and self.pp < 2:
+            raise ValueError("schedule (--schedule) 'interleaved' needs pp (--pp) >= 2")
+        if self.schedule == "interleaved" and self.n_microbatches % self.pp:
+            raise ValueError(f"n_microbatches (--microbatches) = {self.n_microbatches} must be a multiple of "
+                             f"pp (--pp) = {self.pp} for the interleaved schedule")
+
+    @classmethod
+    def from_env(cls, pp: int = 1, ep: int = 1, schedule: str = "1f1b", n_microbatches: int = 1) -> "ParallelDims":
+        """dp from torchrun's WORLD_SIZE (1 without torchrun): dp = WORLD_SIZE / (pp · ep)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % (pp * ep):
+            raise ValueError(f"pp (--pp) x ep (--ep) = {pp} x {ep} = {pp * ep} does not divide the world size "
+                             f"{world} (torchrun --nproc_per_node x --nnodes)")
+        return cls(pp=pp, ep=ep, dp=world // (pp * ep), schedule=schedule, n_microbatches=n_microbatches)
+
+    def check(self, cfg, world_size: int) -> None:
+        """Reject a layout that cannot run this model on this many ranks."""
+        if self.world_size != world_size:
+            raise ValueError(f"pp (--pp) x ep (--ep) x dp (--dp) = {self.pp} x {self.ep} x {self.dp} = "
+                             f"{self.world_size} != world size {world_size} (torchrun --nproc_per_node x --nnodes)")
+        if self.n_stages > cfg.num_hidden_layers:
+            raise ValueError(f"pp (--pp) = {self.pp} x {self.virtual_stages} chunk(s) per rank = {self.n_stages} "
+                             f"stages > num_hidden_layers = {cfg.num_hidden_layers}: every stage needs a layer")
+        if self.ep > 1:
+            if cfg.first_k_dense_replace >= cfg.num_hidden_layers:
+                raise ValueError(f"ep (--ep) = {self.ep} but the model has no MoE layer to shard")
+            if cfg.n_routed_experts % self.ep:
+                raise ValueError(f"ep (--ep) = {self.ep} must divide n_routed_experts = {cfg.n_routed_experts}")
+        if self.pp > 1 and cfg.tie_word_embeddings:
+            raise ValueError("pp (--pp) > 1 needs tie_word_embeddings=False (embedding and head sit on different stages)")
+
+
+@dataclass
+class Layout:
+    """This rank's place in the (pp, dp, ep) grid and the process groups it talks over (None = one rank)."""
+
+    dims: ParallelDims
+    rank: int = 0
+    device: torch.device = torch.device("cpu")
+    ep_group: object = None  # same (pp, dp): the experts of one layer are split over it
+    dp_group: object = None  # same (pp, ep): replicas of the same expert shard
+    replica_group: object = None  # same pp: dp x ep ranks holding the same non-expert weights of a stage
+    world_group: object = None  # all ranks (loss, checkpoint barrier); None in one process
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.dims.dp * self.dims.ep)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.dims.ep % self.dims.dp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.dims.ep
+
+    @property
+    def data_shard(self) -> int:
+        """Which of the dp·ep shards of the global batch this rank reads."""
+        return self.dp_rank * self.dims.ep + self.ep_rank
+
+    def grid_rank(self, pp_rank: int, dp_rank: int | None = None, ep_rank: int | None = None) -> int:
+        d = self.dims
+        dp_rank = self.dp_rank if dp_rank is None else dp_rank
+        ep_rank = self.ep_rank if ep_rank is None else ep_rank
+        return (pp_rank * d.dp + dp_rank) * d.ep + ep_rank
+
+
+def init_distributed(dims: ParallelDims, cfg, backend: str | None = None, timeout_s: float = 120.0) -> Layout:
+    """Join torchrun's process group (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and build the sub-groups.
+    World size 1: no process group, every collective below is skipped. backend: nccl on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims.check(cfg, world)
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return Layout(dims, 0, device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+    layout = Layout(dims, dist.get_rank(), device, world_group=dist.group.WORLD)
+    d = dims
+
+    def groups(members_of) -> object:  # every rank creates every group, in the same order; keeps its own
+        mine = None
+        for ranks in members_of:
+            g = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+            if layout.rank in ranks:
+                mine = g if len(ranks) > 1 else None
+        return mine
+
+    grid = [[[layout.grid_rank(p, q, e) for e in range(d.ep)] for q in range(d.dp)] for p in range(d.pp)]
+    layout.ep_group = groups([grid[p][q] for p in range(d.pp) for q in range(d.dp)])
+    layout.dp_group = groups([[grid[p][q][e] for q in range(d.dp)] for p in range(d.pp) for e in range(d.ep)])
+    layout.replica_group = groups([[r for row in grid[p] for r in row] for p in range(d.pp)])
+    return layout
+
+
+def close_distributed(layout: Layout) -> None:
+    if layout.world_group is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+# ---- pipeline stages: a balanced split of the layers ----
+
+
+def layer_costs(cfg) -> list[int]:
+    """Parameters of each decoder layer, the embedding counted on layer 0 and norm + head on the last (meta)."""
+    with torch.device("meta"):
+        dense = sum(p.numel() for p in mla.Block(cfg, 0).parameters()) if cfg.first_k_dense_replace else 0
+        moe = (sum(p.numel() for p in mla.Block(cfg, cfg.num_hidden_layers - 1).parameters())
+               if cfg.first_k_dense_replace < cfg.num_hidden_layers else 0)
+    costs = [dense if i < cfg.first_k_dense_replace else moe for i in range(cfg.num_hidden_layers)]
+    costs[0] += cfg.vocab_size * cfg.hidden_size  # embedding
+    costs[-1] += cfg.hidden_size + cfg.vocab_size * cfg.hidden_size  # norm + head
+    return costs
+
+
+def split_stages(costs: list[int], n_stages: int) -> list[list[int]]:
+    """Contiguous split of layers into n_stages (each >= 1 layer) minimising the largest stage (exact DP)."""
+    L = len(costs)
+    if not 1 <= n_stages <= L:
+        raise ValueError(f"n_stages must be in [1, {L} layers], got {n_stages}")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    best = [[math.inf] * (L + 1) for _ in range(n_stages + 1)]  # best[s][i]: first i layers in s stages
+    cut = [[0] * (L + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0
+    for s in range(1, n_stages + 1):
+        for i in range(s, L + 1):
+            for j in range(s - 1, i):
+                v = max(best[s - 1][j], prefix[i] - prefix[j])
+                if v < best[s][i]:
+                    best[s][i], cut[s][i] = v, j
+    stages, i = [], L
+    for s in range(n_stages, 0, -1):
+        stages.append(list(range(cut[s][i], i)))
+        i = cut[s][i]
+    return stages[::-1]
+
+
+# ---- expert parallelism: all_to_all dispatch and combine ----
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of x go to the ranks of `group` (in_splits[r] rows to rank r); out_splits[r] rows come from rank r.
+    The backward is the same exchange reversed: gradient rows travel back to where their tokens came from."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        out_splits, in_splits = ctx.splits
+        dx = dy.new_empty(sum(in_splits), *dy.shape[1:])
+        dist.all_to_all_single(dx, dy.contiguous(), in_splits, out_splits, group=ctx.group)
+        return dx, None, None, None
+
+
+class ExpertParallelMoE(nn.Module):
+    """Chapter 1's MoE with its routed experts split over an EP group: this rank holds experts
+    [ep_rank·E/ep, (ep_rank+1)·E/ep). Router and shared expert are the MoE's own (replicated) modules."""
+
+    def __init__(self, moe: nn.Module, ep_rank: int, ep_size: int, group):
+        super().__init__()
+        E = moe.experts.n_experts
+        self.n_routed_experts, self.ep_size, self.group = E, ep_size, group
+        self.n_local = E // ep_size
+        self.expert_offset = ep_rank * self.n_local
+        self.router, self.shared_experts, self.aux_loss_alpha = moe.router, moe.shared_experts, moe.aux_loss_alpha
+        self.experts = moe.experts
+        shard = slice(self.expert_offset, self.expert_offset + self.n_local)
+        for name in ("w_gate", "w_up", "w_down"):  # shard dim 0: (E, ...) -> (E/ep, ...)
+            setattr(self.experts, name, nn.Parameter(getattr(moe.experts, name).detach()[shard].clone()))
+
+    def forward(self, x: torch.Tensor):
+        # B batch, S seq, D model dim, T=B*S tokens, E experts, El = E/ep local experts, K top-k, R = ep ranks
+        B, S, D = x.shape
+        R, El, E = self.ep_size, self.n_local, self.n_routed_experts
+        flat = x.reshape(B * S, D)  # (T, D)
+        topk_idx, topk_weight, scores = self.router(flat)  # (T, K), (T, K), (T, E)
+        K = topk_idx.shape[1]
+        expert = topk_idx.flatten()  # (T*K,)
+        order = expert.argsort(stable=True)  # slots grouped by expert, hence by destination rank
+        token = order // K  # (T*K,)
+        counts = torch.bincount(expert, minlength=E)  # (E,) rows this rank sends to each expert
+        # 1. exchange counts: recv_counts[r, e] = rows rank r sends to my local expert e
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        recv_counts = recv_counts.view(R, El)  # (R, El)
+        send_splits = counts.view(R, El).sum(1).tolist()  # rows to each rank
+        recv_splits = recv_counts.sum(1).tolist()  # rows from each rank
+        # 2. dispatch: rows arrive grouped by source rank, then by local expert
+        x_recv = _AllToAll.apply(flat.index_select(0, token), recv_splits, send_splits, self.group)  # (N, D)
+        g_recv = _AllToAll.apply(topk_weight.flatten()[order].to(x.dtype), recv_splits, send_splits,
+                                 self.group)  # (N,) the gates travel with their rows
+        expert_of_row = torch.arange(El).repeat(R).repeat_interleave(recv_counts.flatten().cpu())  # (N,)
+        by_expert = expert_of_row.argsort(stable=True).to(x.device)  # (N,) source-major -> expert-major
+        y = moe_lib.grouped_swiglu(x_recv.index_select(0, by_expert), recv_counts.sum(0), self.experts.w_gate,
+                                   self.experts.w_up, self.experts.w_down,
+                                   weight=g_recv.index_select(0, by_expert))  # (N, D), g_{t,i} · FFN_i(x_t)
+        y = torch.empty_like(y).index_copy(0, by_expert, y)  # back to source-major order
+        # 3. combine: the reverse all_to_all, then sum at the token's home rank
+        y = _AllToAll.apply(y, send_splits, recv_splits, self.group)  # (T*K, D), in `order`
+        out = torch.zeros_like(flat).index_add_(0, token, y)  # (T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        load = counts.float()  # (E,) tokens of this rank per expert (summed over ranks for the bias update)
+        if self.aux_loss_alpha > 0:
+            aux = moe_lib.sequence_balance_loss(scores.view(B, S, -1), topk_idx.view(B, S, -1), self.aux_loss_alpha)
+        else:
+            aux = x.new_zeros((), dtype=torch.float32)
+        return out.view(B, S, D), moe_lib.MoEStats(load=load.detach(), aux_loss=aux)
+
+
+# ---- this rank's part of the model ----
+
+
+def is_expert_param(name: str) -> bool:
+    return ".mlp.experts.w_" in name
+
+
+class RankModel(nn.Module):
+    """The chunk(s) of the model this rank holds (1, or 2 virtual stages), experts sharded over EP.
+    chunks[c] is pipeline stage c·pp + pp_rank; stage_layers[c] its global layer ids."""
+
+    def __init__(self, cfg, layout: Layout, chunks: list[nn.Module], stage_layers: list[list[int]]):
+        super().__init__()
+        self.cfg, self.layout, self.stage_layers = cfg, layout, stage_layers
+        self.chunks = nn.ModuleList(chunks)
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        """Parameters and persistent buffers under layout-free names: global layer ids and one entry per expert
+        (`layers.3.mlp.experts.w_gate.17`). Views of the live tensors."""
+        out = {}
+        for chunk, ids in zip(self.chunks, self.stage_layers):
+            for name, t in chunk.state_dict(keep_vars=True).items():
+                out.update(_canonical(name, t, ids, chunk))
+        return out
+
+    def canonical_params(self) -> dict[nn.Parameter, list[tuple[str, slice | None]]]:
+        """parameter -> its canonical key(s) (an expert stack maps to one key per expert)."""
+        out = {}
+        for chunk, ids in zip(self.chunks, self.stage_layers):
+            for name, p in chunk.named_parameters():
+                out[p] = list(_canonical(name, p, ids, chunk, keys_only=True))
+        return out
+
+
+def _canonical(name, t, ids, chunk, keys_only=False):
+    if name.startswith("layers."):
+        _, j, rest = name.split(".", 2)
+        name = f"layers.{ids[int(j)]}.{rest}"
+    if not is_expert_param(name):
+        return [name] if keys_only else {name: t}
+    layer = chunk.layers[ids.index(int(name.split(".")[1]))]
+    offset = getattr(layer.mlp, "expert_offset", 0)
+    keys = [f"{name}.{offset + e}" for e in range(t.shape[0])]
+    return keys if keys_only else {k: t[e] for e, k in enumerate(keys)}
+
+
+def build_model(cfg, layout: Layout, seed: int = 0) -> RankModel:
+    """The full model from `seed` (identical on every rank), cut to this rank's stage(s), experts sharded."""
+    d = layout.dims
+    torch.manual_seed(seed)
+    full = mla.Transformer(cfg)
+    stages = split_stages(layer_costs(cfg), d.n_stages)
+    chunks, ids = [], []
+    for c in range(d.virtual_stages):
+        v = c * d.pp + layout.pp_rank
+        layer_ids = stages[v]
+        with torch.device("meta"):
+            chunk = mla.Transformer(cfg, layer_ids=layer_ids, embed=v == 0, head=v == d.n_stages - 1)
+        chunk = chunk.to_empty(device="cpu")
+        chunk.load_state_dict(_stage_state(full, layer_ids, v == 0, v == d.n_stages - 1), strict=True)
+        inv_freq, _ = mla.rope_frequencies(cfg)
+        chunk.rope_inv_freq.copy_(inv_freq)  # non-persistent buffer: not in the state dict
+        if d.ep > 1:
+            for layer in chunk.layers:
+                if layer.is_moe:
+                    layer.mlp = ExpertParallelMoE(layer.mlp, layout.ep_rank, d.ep, layout.ep_group)
+        chunks.append(chunk.to(layout.device))
+        ids.append(layer_ids)
+    return RankModel(cfg, layout, chunks, ids)
+
+
+def _stage_state(full, layer_ids, embed, head) -> dict:
+    sd = {}
+    for name, t in full.state_dict().items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            if int(i) in layer_ids:
+                sd[f"layers.{layer_ids.index(int(i))}.{rest}"] = t
+        elif name.startswith("embed_tokens."):
+            if embed:
+                sd[name] = t
+        elif head:
+            sd[name] = t
+    return sd
+
+
+# ---- ZeRO-1: optimizer state partitioned over the replicas ----
+
+
+def assign_owners(sizes: list[int], n: int) -> list[int]:
+    """Whole-parameter ownership balanced by size: largest first, each to the least-loaded rank (ties: lowest)."""
+    load, owner = [0] * n, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(n), key=lambda r: (load[r], r))
+        owner[i], load[r] = r, load[r] + sizes[i]
+    return owner
+
+
+class ZeroMuonClip(mc.MuonClip):
+    """MuonClip (chapter 3) under ZeRO-1. `step()` = average gradients over replicas, update (owner: whole
+    parameters this rank owns; distributed_muon: this rank's slice of every parameter), share the result,
+    QK-Clip with S_max MAX-all-reduced over the replicas of each attention."""
+
+    def __init__(self, model: RankModel, zero: str = "owner", **muonclip_kw):
+        if zero not in ZERO_MODES:
+            raise ValueError(f"zero (--zero) must be one of {ZERO_MODES}, got {zero!r}")
+        lay = model.layout
+        reduce_max = None
+        if lay.replica_group is not None:
+            def reduce_max(s):
+                dist.all_reduce(s, op=dist.ReduceOp.MAX, group=lay.replica_group)
+        super().__init__(model, s_max_reduce=reduce_max, **muonclip_kw)
+        self.zero, self.layout = zero, lay
+        self.n_data = lay.dims.dp * lay.dims.ep  # gradients are sums over this many data shards
+        names = {p: n for n, p in model.named_parameters()}
+        self.meta = {}  # param -> (group, group ranks (global), this rank's index in them)
+        for p, name in names.items():
+            group = lay.dp_group if is_expert_param(name) else lay.replica_group
+            ranks = dist.get_process_group_ranks(group) if group is not None else [lay.rank]
+            self.meta[p] = (group, ranks, ranks.index(lay.rank))
+        by_group = {}
+        for p, (_, ranks, _) in self.meta.items():
+            by_group.setdefault(tuple(ranks), []).append(p)
+        self.owner = {}  # param -> global rank of its owner
+        for ranks, ps in by_group.items():
+            for p, r in zip(ps, assign_owners([p.numel() for p in ps], len(ranks))):
+                self.owner[p] = ranks[r]
+        self.groups_of = list(by_group.values())
+
+    def owns(self, p) -> bool:
+        return self.zero == "distributed_muon" or self.owner[p] == self.layout.rank
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.zero == "owner":
+            self._average_grads()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if self.owner[p] == self.layout.rank:
+                        mc.step_param_(p, self.state[p], group)
+            for p, (group, _, _) in self.meta.items():
+                if group is not None:
+                    dist.broadcast(p.data, src=self.owner[p], group=group)
+        else:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._distributed_step(p, group)
+        self.clip_stats = mc.qk_clip_(self.model, self.tau, apply=self.qk_clip, reduce_max=self.s_max_reduce)
+
+    def _average_grads(self) -> None:
+        """g ← Σ_replicas g / (dp·ep), one flat all-reduce per replica group."""
+        for ps in self.groups_of:
+            group = self.meta[ps[0]][0]
+            for p in ps:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if group is None:
+                continue
+            flat = torch.cat([p.grad.flatten() for p in ps])
+            dist.all_reduce(flat, group=group)
+            flat /= self.n_data
+            for p, g in zip(ps, flat.split([p.numel() for p in ps])):
+                p.grad.copy_(g.view_as(p))
+
+    def _distributed_step(self, p, group: dict) -> None:
+        """Moonlight's Distributed Muon on one parameter, split into n equal flat slices (rank i holds slice i):
+        reduce-scatter g; momentum on the slice; all-gather the full momentum matrix; Newton-Schulz on it;
+        keep this slice of the update; all-gather the parameter. AdamW parameters update their slice."""
+        pg, ranks, i = self.meta[p]
+        n, N = len(ranks), p.numel()
+        chunk = -(-N // n)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        flat_g = F.pad(p.grad.flatten(), (0, chunk * n - N))  # (n·chunk,)
+        g = torch.empty(chunk, dtype=flat_g.dtype, device=p.device)
+        if pg is None:
+            g.copy_(flat_g)
+        else:
+            dist.reduce_scatter_tensor(g, flat_g, group=pg)
+        g /= self.n_data
+        lo = i * chunk
+        state = self.state[p]
+        p_flat = F.pad(p.detach().flatten(), (0, chunk * n - N))[lo: lo + chunk].clone()  # this rank's slice
+        if group["use_muon"]:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros(chunk, dtype=torch.float32, device=p.device)
+            buf = state["momentum_buffer"]
+            buf.mul_(group["momentum"]).add_(g)  # M ← μM + G (on the slice)
+            m = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+            full = torch.empty(chunk * n, dtype=m.dtype, device=p.device)
+            if pg is None:
+                full.copy_(m)
+            else:
+                dist.all_gather_into_tensor(full, m.contiguous(), group=pg)
+            O = mc.zeropower_via_newtonschulz5(full[:N].view(p.shape), group["ns_steps"], group["ns_dtype"])
+            O = F.pad(O.flatten(), (0, chunk * n - N))[lo: lo + chunk]  # keep this rank's slice of U·Vᵀ
+            p_flat.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p_flat.add_(O, alpha=-group["lr"] * mc.update_scale(p.shape, group["scaling"]))
+        else:
+            if "step" not in state:
+                state.update(step=0, exp_avg=torch.zeros(chunk, device=p.device),
+                             exp_avg_sq=torch.zeros(chunk, device=p.device))
+            mc.adamw_update_(p_flat, g, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                             weight_decay=group["weight_decay"])
+        full_p = torch.empty(chunk * n, dtype=p.dtype, device=p.device)
+        if pg is None:
+            full_p.copy_(p_flat)
+        else:
+            dist.all_gather_into_tensor(full_p, p_flat, group=pg)
+        p.data.copy_(full_p[:N].view_as(p))
+
+
+def make_optimizer(model: RankModel, zero: str = "owner", **muonclip_kw) -> ZeroMuonClip:
+    """Chapter 3's MuonClip (same keywords: lr, adamw_lr, tau, weight_decay, ...) under ZeRO-1."""
+    return ZeroMuonClip(model, zero=zero, **muonclip_kw)
+
+
+# ---- pipeline schedules: (F|B, micro-batch, chunk) per rank ----
+
+
+def schedule_actions(kind: str, pp: int, n_micro: int) -> list[list[tuple[str, int, int]]]:
+    """Per pipeline rank, its ordered actions ("F" or "B", micro-batch, chunk). Chunk c of rank r is stage c·pp + r."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    out = []
+    for r in range(pp):
+        if kind == "gpipe":  # all forwards, then all backwards
+            acts = [("F", m, 0) for m in range(n_micro)] + [("B", m, 0) for m in range(n_micro)]
+        elif kind == "1f1b":  # warm up with pp - r - 1 forwards, then alternate, then drain
+            warm = min(pp - r - 1, n_micro)
+            acts = [("F", m, 0) for m in range(warm)]
+            for i in range(n_micro - warm):
+                acts += [("F", warm + i, 0), ("B", i, 0)]
+            acts += [("B", m, 0) for m in range(n_micro - warm, n_micro)]
+        else:  # interleaved 1F1B (Megatron-LM §2.2), V = 2 chunks; the k-th forward of a rank is
+            V, total = 2, 2 * n_micro  # micro-batch (k // (pp·V))·pp + k % pp of chunk (k // pp) % V
+            fwd = [("F", (k // (pp * V)) * pp + k % pp, (k // pp) % V) for k in range(total)]
+            bwd = [("B", (k // (pp * V)) * pp + k % pp, V - 1 - (k // pp) % V) for k in range(total)]
+            warm = min((pp - r - 1) * 2 + (V - 1) * pp, total)
+            acts = fwd[:warm]
+            for i in range(total - warm):
+                acts += [fwd[warm + i], bwd[i]]
+            acts += bwd[total - warm:]
+        out.append(acts)
+    return out
+
+
+def simulate_schedule(actions: list[list[tuple]], pp: int, n_stages: int) -> list[list[tuple | None]]:
+    """Unit-time execution (F and B one tick each, free communication): the rank x time table. Raises on a
+    deadlock (a schedule whose dependencies form a cycle)."""
+    done = {}  # (kind, mb, stage) -> tick it finished
+    pos, table, t = [0] * pp, [[] for _ in range(pp)], 0
+    while any(pos[r] < len(actions[r]) for r in range(pp)):
+        progressed = False
+        for r in range(pp):
+            if pos[r] == len(actions[r]):
+                table[r].append(None)
+                continue
+            kind, m, c = actions[r][pos[r]]
+            v = c * pp + r
+            if kind == "F":
+                need = [("F", m, v - 1)] if v > 0 else []
+            else:
+                need = [("B", m, v + 1)] if v < n_stages - 1 else [("F", m, v)]
+            if all(done.get(n, math.inf) < t for n in need):
+                done[(kind, m, v)] = t
+                table[r].append(actions[r][pos[r]])
+                pos[r] += 1
+                progressed = True
+            else:
+                table[r].append(None)
+        if not progressed:
+            raise RuntimeError(f"schedule deadlocks at tick {t}")
+        t += 1
+    return table
+
+
+def format_schedule(table: list[list[tuple | None]], chunks: int) -> str:
+    names = "ab"
+    rows = []
+    for r, row in enumerate(table):
+        cells = ["." if a is None else f"{a[0]}{a[1]}{names[a[2]] if chunks > 1 else ''}" for a in row]
+        rows.append(f"rank {r}: " + " ".join(f"{c:<{3 + (chunks > 1)}}" for c in cells).rstrip())
+    return "\n".join(rows)
+
+
+def peak_in_flight(actions: list[tuple]) -> int:
+    """Most chunk-micro-batches whose activations a rank holds at once (forwards done, backward not yet)."""
+    live = peak = 0
+    for kind, _, _ in actions:
+        live += 1 if kind == "F" else -1
+        peak = max(peak, live)
+    return peak
+
+
+def p2p_order_consistent(actions: list[list[tuple]], pp: int, n_stages: int) -> bool:
+    """For every ordered rank pair, the sender's order of messages equals the receiver's order (NCCL needs it)."""
+    sent, recvd = {}, {}
+    for r in range(pp):
+        for kind, m, c in actions[r]:
+            v = c * pp + r
+            if kind == "F":
+                if v < n_stages - 1:
+                    sent.setdefault((r, (v + 1) % pp), []).append(("F", m, v + 1))
+                if v > 0:
+                    recvd.setdefault(((v - 1) % pp, r), []).append(("F", m, v))
+            else:
+                if v > 0:
+                    sent.setdefault((r, (v - 1) % pp), []).append(("B", m, v - 1))
+                if v < n_stages - 1:
+                    recvd.setdefault(((v + 1) % pp, r), []).append(("B", m, v))
+    return sent == recvd
+
+
+# ---- one training step ----
+
+
+def _tag(kind: str, m: int, v: int, n_stages: int) -> int:
+    return (m * n_stages + v) * 2 + (kind == "B")
+
+
+def train_step(model: RankModel, opt: ZeroMuonClip, idx: torch.Tensor, targets: torch.Tensor,
+               autocast_dtype: torch.dtype | None = None) -> float:
+    """One optimizer step on the global batch idx, targets (B, S), identical on every rank. Returns the mean
+    loss over the whole batch (CE + balance loss), the same number a single process would report."""
+    opt.zero_grad(set_to_none=True)
+    loss, loads = forward_backward(model, idx, targets, autocast_dtype)
+    opt.step()  # average gradients, update, broadcast, QK-Clip
+    lay = model.layout
+    # aux-loss-free bias: loads summed over micro-batches and over the dp x ep ranks of the stage
+    for chunk, load in zip(model.chunks, loads):
+        if len(load):
+            _all_reduce(load, lay.replica_group)
+            for moe, l_ in zip(chunk.moe_layers(), load):
+                moe_lib.update_router_bias_(moe.router, l_, model.cfg.bias_update_speed)
+    return loss
+
+
+def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
+                     autocast_dtype: torch.dtype | None = None) -> tuple[float, list[torch.Tensor]]:
+    """This rank's share of the global batch through its schedule; gradients (of the mean loss) accumulate in
+    .grad, not yet averaged over replicas. Returns (global mean loss, per chunk its (n_moe, E) expert loads)."""
+    lay, d = model.layout, model.layout.dims
+    B, S = idx.shape
+    shards = d.dp * d.ep * d.n_microbatches
+    if B % shards:
+        raise ValueError(f"batch of {B} sequences must divide into dp x ep x n_microbatches = {d.dp} x {d.ep} x "
+                         f"{d.n_microbatches} = {shards} micro-batches (--batch-size, --microbatches)")
+    rows = B // (d.dp * d.ep)
+    mine = slice(lay.data_shard * rows, (lay.data_shard + 1) * rows)
+    idx_mb = idx[mine].to(lay.device).chunk(d.n_microbatches)
+    tgt_mb = targets[mine].to(lay.device).chunk(d.n_microbatches)
+    M, n_stages = d.n_microbatches, d.n_stages
+    loss_sum = torch.zeros((), device=lay.device)
+    loads = [torch.zeros(len(c.moe_layers()), model.cfg.n_routed_experts, device=lay.device) for c in model.chunks]
+    amp = torch.autocast(lay.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    def forward(m: int, c: int, x):
+        nonlocal loss_sum
+        v = c * d.pp + lay.pp_rank
+        last = v == n_stages - 1
+        with amp:
+            out = model.chunks[c](x, tgt_mb[m] if last else None)
+        if out.expert_load is not None:
+            loads[c] += out.expert_load
+        if last:
+            loss_sum = loss_sum + out.loss.detach()
+            return out.loss / M, None
+        loss_sum = loss_sum + out.aux_loss.detach()
+        return out.hidden, out.aux_loss / M
+
+    if d.pp == 1:  # no pipeline: gradient accumulation over the micro-batches
+        for m in range(M):
+            loss, _ = forward(m, 0, idx_mb[m])
+            loss.backward()
+    else:
+        _run_pipeline(model, forward, idx_mb, schedule_actions(d.schedule, d.pp, M)[lay.pp_rank])
+    loss_sum /= M * d.dp * d.ep
+    _all_reduce(loss_sum, lay.world_group)  # Σ over stages (CE on the last, aux on each) and data shards
+    return loss_sum.item(), loads
+
+
+def _run_pipeline(model: RankModel, forward, idx_mb, actions) -> None:
+    """Execute this rank's schedule: blocking recv before a compute, non-blocking send after it."""
+    lay, d = model.layout, model.layout.dims
+    n_stages, pending, saved = d.n_stages, [], {}
+    shape = (idx_mb[0].shape[0], idx_mb[0].shape[1], model.cfg.hidden_size)
+    for kind, m, c in actions:
+        v = c * d.pp + lay.pp_rank
+        if kind == "F":
+            if v == 0:
+                x = idx_mb[m]
+            else:
+                x = torch.empty(shape, device=lay.device)
+                dist.recv(x, src=lay.grid_rank((v - 1) % d.pp), tag=_tag("F", m, v, n_stages))
+                x.requires_grad_()
+            out, aux = forward(m, c, x)
+            saved[(m, c)] = (x, out, aux)
+            if v < n_stages - 1:
+                send = out.detach().float().contiguous()
+                pending.append((dist.isend(send, dst=lay.grid_rank((v + 1) % d.pp), tag=_tag("F", m, v + 1, n_stages)),
+                                send))
+        else:
+            x, out, aux = saved.pop((m, c))
+            if v == n_stages - 1:
+                out.backward()
+            else:
+                g = torch.empty(shape, device=lay.device)
+                dist.recv(g, src=lay.grid_rank((v + 1) % d.pp), tag=_tag("B", m, v, n_stages))
+                outs, grads = [out], [g.to(out.dtype)]
+                if aux.requires_grad:
+                    outs.append(aux)
+                    grads.append(torch.ones_like(aux))
+                torch.autograd.backward(outs, grads)
+            if v > 0:
+                send = x.grad.float().contiguous()
+                pending.append((dist.isend(send, dst=lay.grid_rank((v - 1) % d.pp), tag=_tag("B", m, v - 1, n_stages)),
+                                send))
+    for work, _ in pending:
+        work.wait()
+
+
+# ---- runs: a layout vs one process ----
+
+
+def batches(cfg, n_steps: int, batch_size: int, seq_len: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same seeded toy-language batches (chapter 3) on every rank."""
+    data = mc.toy_batches(cfg.vocab_size, batch_size, seq_len, seed=seed + 1)
+    return [next(data) for _ in range(n_steps)]
+
+
+def reference_run(cfg, data, seed: int, opt_kw: dict) -> tuple[list[float], dict]:
+    """One process, whole batch per step: chapter 3's MuonClip loop. Returns losses and the canonical state."""
+    torch.manual_seed(seed)
+    model = mla.Transformer(cfg)
+    opt = mc.MuonClip(model, **opt_kw)
+    losses = []
+    for idx, targets in data:
+        out = model(idx, targets)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        mla.update_router_biases_(model, out.expert_load, cfg.bias_update_speed)
+        losses.append(out.loss.item())
+    one = Layout(ParallelDims())
+    return losses, RankModel(cfg, one, [model], [list(range(cfg.num_hidden_layers))]).canonical_state()
+
+
+def run_layout(cfg, layout: Layout, data, seed: int, opt_kw: dict, zero: str = "owner",
+               autocast_dtype=None) -> tuple[list[float], RankModel, ZeroMuonClip]:
+    model = build_model(cfg, layout, seed)
+    opt = make_optimizer(model, zero=zero, **opt_kw)
+    losses = [train_step(model, opt, idx, tgt, autocast_dtype) for idx, tgt in data]
+    return losses, model, opt
+
+
+def max_diff_vs(model: RankModel, ref_state: dict) -> float:
+    """max |ours - reference| over every parameter and buffer this rank holds, MAX over all ranks."""
+    diff = max((t.detach().float().cpu() - ref_state[k].float()).abs().max().item()
+               for k, t in model.canonical_state().items())
+    out = torch.tensor(diff)
+    _all_reduce(out, model.layout.world_group, dist.ReduceOp.MAX)
+    return out.item()
