@@ -56,12 +56,15 @@ API for train.py
 `train_step` slices this rank's share of the global batch (B must divide by dp·ep·n_microbatches), runs
 forward/backward, averages gradients, steps the optimizer, applies QK-Clip and updates the router biases.
 
-Schedules (pp = 4, 4 micro-batches; `python 04_parallel.py --schedules` prints them from the code):
-    GPipe:           rank 0: F0 F1 F2 F3 .  .  .  .  .  .  B0 B1 B2 B3          peak: 4 micro-batches in flight
-                     rank 3: .  .  .  F0 F1 F2 F3 B0 B1 B2 B3 ...
-    1F1B:            rank 0: F0 F1 F2 F3 .  .  B0 .  B1 .  B2 .  B3             peak: pp - rank micro-batches
-                     rank 3: .  .  .  F0 B0 F1 B1 F2 B2 F3 B3
-    interleaved 1F1B (2 chunks per rank, chunk v = stages r and r + pp): shorter bubble, same peak order.
+Schedules, pp = 4, 4 micro-batches, F and B one tick each (`python 04_parallel.py --schedules` prints them):
+    GPipe (peak 4 micro-batches of activations on every rank)
+        rank 0: F0  F1  F2  F3  .   .   .   .   .   .   B0  B1  B2  B3
+        rank 3: .   .   .   F0  F1  F2  F3  B0  B1  B2  B3  .   .   .
+    1F1B (peak pp - rank: 4, 3, 2, 1)
+        rank 0: F0  F1  F2  F3  .   .   .   B0  .   B1  .   B2  .   B3
+        rank 3: .   .   .   F0  B0  F1  B1  F2  B2  F3  B3  .   .   .
+    interleaved 1F1B: a/b = the rank's two chunks (stages r and r + pp), each half as long, so 22 half-ticks
+    = 11 ticks instead of 14: the bubble shrinks; more (half-size) micro-batches are in flight.
 
 Simplified vs K2
 - Tiny model on CPU (gloo) by default; NCCL + bf16 autocast on GPUs. No overlap of EP all_to_all with compute
@@ -86,10 +89,12 @@ Run:
     torchrun --nproc_per_node=8 04_parallel.py         # on a GPU node (NCCL, bf16 autocast)
 """
 
+import argparse
 import datetime
 import importlib
 import math
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -548,7 +553,7 @@ class ZeroMuonClip(mc.MuonClip):
         if pg is None:
             g.copy_(flat_g)
         else:
-            dist.reduce_scatter_tensor(g, flat_g, group=pg)
+            dist.reduce_scatter_single(g, flat_g, group=pg)
         g /= self.n_data
         lo = i * chunk
         state = self.state[p]
@@ -563,7 +568,7 @@ class ZeroMuonClip(mc.MuonClip):
             if pg is None:
                 full.copy_(m)
             else:
-                dist.all_gather_into_tensor(full, m.contiguous(), group=pg)
+                dist.all_gather_single(full, m.contiguous(), group=pg)
             O = mc.zeropower_via_newtonschulz5(full[:N].view(p.shape), group["ns_steps"], group["ns_dtype"])
             O = F.pad(O.flatten(), (0, chunk * n - N))[lo: lo + chunk]  # keep this rank's slice of U·Vᵀ
             p_flat.mul_(1.0 - group["lr"] * group["weight_decay"])
@@ -578,7 +583,7 @@ class ZeroMuonClip(mc.MuonClip):
         if pg is None:
             full_p.copy_(p_flat)
         else:
-            dist.all_gather_into_tensor(full_p, p_flat, group=pg)
+            dist.all_gather_single(full_p, p_flat, group=pg)
         p.data.copy_(full_p[:N].view_as(p))
 
 
@@ -709,9 +714,12 @@ def train_step(model: RankModel, opt: ZeroMuonClip, idx: torch.Tensor, targets: 
 
 
 def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
-                     autocast_dtype: torch.dtype | None = None) -> tuple[float, list[torch.Tensor]]:
+                     autocast_dtype: torch.dtype | None = None, memory: dict | None = None
+                     ) -> tuple[float, list[torch.Tensor]]:
     """This rank's share of the global batch through its schedule; gradients (of the mean loss) accumulate in
-    .grad, not yet averaged over replicas. Returns (global mean loss, per chunk its (n_moe, E) expert loads)."""
+    .grad, not yet averaged over replicas. Returns (global mean loss, per chunk its (n_moe, E) expert loads).
+    memory: if a dict, gets "activations", the peak bytes saved for backward (parameters excluded) over the
+    schedule."""
     lay, d = model.layout, model.layout.dims
     B, S = idx.shape
     shards = d.dp * d.ep * d.n_microbatches
@@ -726,13 +734,24 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
     loss_sum = torch.zeros((), device=lay.device)
     loads = [torch.zeros(len(c.moe_layers()), model.cfg.n_routed_experts, device=lay.device) for c in model.chunks]
     amp = torch.autocast(lay.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    saved_bytes = {}  # (micro-batch, chunk) -> bytes of activations its forward saved for backward
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def forward(m: int, c: int, x):
         nonlocal loss_sum
         v = c * d.pp + lay.pp_rank
         last = v == n_stages - 1
-        with amp:
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in weights:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model.chunks[c](x, tgt_mb[m] if last else None)
+        saved_bytes[(m, c)] = sum(seen.values())
         if out.expert_load is not None:
             loads[c] += out.expert_load
         if last:
@@ -742,11 +761,19 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
         return out.hidden, out.aux_loss / M
 
     if d.pp == 1:  # no pipeline: gradient accumulation over the micro-batches
+        actions = [(k, m, 0) for m in range(M) for k in "FB"]
         for m in range(M):
             loss, _ = forward(m, 0, idx_mb[m])
             loss.backward()
     else:
-        _run_pipeline(model, forward, idx_mb, schedule_actions(d.schedule, d.pp, M)[lay.pp_rank])
+        actions = schedule_actions(d.schedule, d.pp, M)[lay.pp_rank]
+        _run_pipeline(model, forward, idx_mb, actions)
+    if memory is not None:
+        live = peak = 0
+        for kind, m, c in actions:
+            live += saved_bytes[(m, c)] if kind == "F" else -saved_bytes[(m, c)]
+            peak = max(peak, live)
+        memory["activations"] = peak
     loss_sum /= M * d.dp * d.ep
     _all_reduce(loss_sum, lay.world_group)  # Σ over stages (CE on the last, aux on each) and data shards
     return loss_sum.item(), loads
@@ -830,6 +857,269 @@ def max_diff_vs(model: RankModel, ref_state: dict) -> float:
     """max |ours - reference| over every parameter and buffer this rank holds, MAX over all ranks."""
     diff = max((t.detach().float().cpu() - ref_state[k].float()).abs().max().item()
                for k, t in model.canonical_state().items())
-    out = torch.tensor(diff)
+    out = torch.tensor(diff, device=model.layout.device)
     _all_reduce(out, model.layout.world_group, dist.ReduceOp.MAX)
     return out.item()
+
+
+# ---- checkpoints: torch.distributed.checkpoint with layout-free keys ----
+
+_STATE_NAMES = {True: ("momentum_buffer",), False: ("exp_avg", "exp_avg_sq", "step")}
+
+
+def _optim_entries(model: RankModel, opt: ZeroMuonClip):
+    """(canonical key, state name, expert index or None, param, group) for every parameter this rank owns."""
+    if opt.zero != "owner":
+        raise ValueError("checkpoints need zero (--zero) = 'owner': distributed_muon keeps flat slices of the "
+                         "optimizer state that do not map to layout-free keys")
+    keys = model.canonical_params()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.owns(p):
+                continue
+            for e, key in enumerate(keys[p]):
+                for s in _STATE_NAMES[group["use_muon"]]:
+                    yield key, s, (e if is_expert_param(key) else None), p, group
+
+
+def save_checkpoint(path: str, model: RankModel, opt: ZeroMuonClip, extra: dict | None = None) -> None:
+    """Every rank writes its own parameters (replicas deduplicated by DCP) and the optimizer state it owns, under
+    layout-free keys, into path (a directory), written as path.tmp and renamed when every rank is done.
+    extra: tensors identical on every rank (e.g. the step counter)."""
+    import torch.distributed.checkpoint as dcp
+
+    lay = model.layout
+    sd = {f"model/{k}": t.detach().contiguous() for k, t in model.canonical_state().items()}
+    for key, s, e, p, _ in _optim_entries(model, opt):
+        v = opt.state[p].get(s)
+        if v is None:
+            continue  # no step taken yet
+        v = torch.tensor(float(v)) if s == "step" else (v[e] if e is not None else v)
+        sd[f"optim/{key}/{s}"] = v.contiguous()
+    for k, v in (extra or {}).items():
+        sd[f"extra/{k}"] = torch.as_tensor(v)
+    tmp = path.rstrip("/") + ".tmp"
+    if lay.rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    _barrier(lay)
+    dcp.save(sd, checkpoint_id=tmp, no_dist=lay.world_group is None)
+    _barrier(lay)
+    if lay.rank == 0:
+        old = path.rstrip("/") + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(lay)
+
+
+def load_checkpoint(path: str, model: RankModel, opt: ZeroMuonClip | None = None) -> dict:
+    """Load a checkpoint written under any layout into this rank's model (and the optimizer state it owns under
+    this layout). Returns the extra tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    lay = model.layout
+    if not os.path.isdir(path):
+        raise ValueError(f"path: no checkpoint directory at {path!r}")
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    live = model.canonical_state()
+    missing = [k for k in live if f"model/{k}" not in stored]
+    if missing:
+        raise ValueError(f"path: checkpoint {path!r} lacks {len(missing)} model tensors, e.g. {missing[:3]} "
+                         "(a different model config?)")
+    sd = {f"model/{k}": torch.empty_like(t.detach()).contiguous() for k, t in live.items()}
+    entries = [en for en in _optim_entries(model, opt) if f"optim/{en[0]}/{en[1]}" in stored] if opt else []
+    for key, s, e, p, _ in entries:
+        sd[f"optim/{key}/{s}"] = torch.zeros(()) if s == "step" else torch.zeros(
+            p.shape[1:] if e is not None else p.shape, dtype=torch.float32, device=p.device)
+    extra_keys = [k for k in stored if k.startswith("extra/")]
+    for k in extra_keys:
+        sd[k] = torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
+    dcp.load(sd, checkpoint_id=path, no_dist=lay.world_group is None)
+    with torch.no_grad():
+        for k, t in live.items():
+            t.copy_(sd[f"model/{k}"])
+        for key, s, e, p, _ in entries:
+            v = sd[f"optim/{key}/{s}"]
+            st = opt.state[p]
+            if s == "step":
+                st["step"] = int(v.item())
+            else:
+                st.setdefault(s, torch.zeros_like(p, dtype=torch.float32))
+                (st[s][e] if e is not None else st[s]).copy_(v)
+    return {k[len("extra/"):]: sd[k] for k in extra_keys}
+
+
+def _barrier(layout: Layout) -> None:
+    if layout.world_group is not None:
+        dist.barrier()
+
+
+# ---- memory per rank ----
+
+
+def rank_memory(model: RankModel, opt: ZeroMuonClip, activations: int) -> dict[str, int]:
+    """Bytes this rank holds: parameters, gradients (same size: ZeRO-1 keeps full gradients), the optimizer state it
+    owns (as allocated), activations saved for backward at the schedule's peak (measured)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    return dict(params=params, grads=params, optimizer=state, activations=activations)
+
+
+def k2_memory_rows(cfg, pp: int = 16, ep: int = 16, dp: int = 8, virtual_stages: int = 2) -> list[tuple]:
+    """Per-rank GiB of the largest pipeline rank for the real config, layouts from one GPU up to K2's, counted on
+    the meta device. bf16 weights and gradients (2 + 2 bytes); fp32 optimizer state with an fp32 master copy:
+    Muon 4 + 4 bytes per weight, AdamW 4 + 4 + 4; ZeRO-1 splits it over the dp·ep (dp for experts) replicas."""
+    with torch.device("meta"):
+        kinds = {}
+        for i in sorted({0, cfg.num_hidden_layers - 1}):
+            block = mla.Block(cfg, i)
+            expert = sum(p.numel() for n, p in block.named_parameters() if ".experts." in f".{n}")
+            matrix = sum(p.numel() for n, p in block.named_parameters() if p.ndim == 2)
+            vector = sum(p.numel() for n, p in block.named_parameters() if p.ndim == 1)
+            kinds[i >= cfg.first_k_dense_replace] = (expert, matrix, vector)
+    per_layer = [kinds[i >= cfg.first_k_dense_replace] for i in range(cfg.num_hidden_layers)]
+    embed = head = cfg.vocab_size * cfg.hidden_size
+    GiB = 2 ** 30
+    rows = []
+    for name, (p_, e_, d_, v_) in {"1 GPU": (1, 1, 1, 1), f"ZeRO-1 dp{pp * ep * dp}": (1, 1, pp * ep * dp, 1),
+                                   f"PP{pp} (interleaved)": (pp, 1, 1, virtual_stages),
+                                   f"PP{pp} x EP{ep}": (pp, ep, 1, virtual_stages),
+                                   f"PP{pp} x EP{ep} x ZeRO-1 dp{dp} (K2)": (pp, ep, dp, virtual_stages)}.items():
+        stages = split_stages(layer_costs(cfg), p_ * v_)
+        worst = None
+        for r in range(p_):
+            held = [i for c in range(v_) for i in stages[c * p_ + r]]
+            expert = sum(per_layer[i][0] for i in held)
+            matrix = sum(per_layer[i][1] for i in held)
+            vector = sum(per_layer[i][2] for i in held) + (embed if 0 in held else 0) + (
+                head + cfg.hidden_size if cfg.num_hidden_layers - 1 in held else 0)
+            weights = expert / e_ + matrix + vector
+            optim = 8 * expert / e_ / d_ + 8 * matrix / (d_ * e_) + 12 * vector / (d_ * e_)
+            row = (2 * weights / GiB, 2 * weights / GiB, optim / GiB)
+            worst = row if worst is None or sum(row) > sum(worst) else worst
+        rows.append((name, p_ * e_ * d_, *worst))
+    return rows
+
+
+# ---- demo ----
+
+
+def demo_layouts(world: int, cfg) -> list[tuple[str, ParallelDims, str]]:
+    """Every layout of `world` ranks this model admits: pp x ep x dp, 1F1B and interleaved for pp > 1."""
+    out = []
+    for pp in (p for p in range(1, world + 1) if world % p == 0):
+        for ep in (e for e in range(1, world // pp + 1) if (world // pp) % e == 0):
+            dp = world // (pp * ep)
+            for schedule in (("1f1b", "interleaved") if pp > 1 else ("1f1b",)):
+                try:
+                    dims = ParallelDims(pp=pp, ep=ep, dp=dp, schedule=schedule, n_microbatches=2 * pp if pp > 1 else 1)
+                    dims.check(cfg, world)
+                except ValueError:
+                    continue
+                name = " x ".join(f"{k}{v}" for k, v in (("pp", pp), ("ep", ep), ("dp", dp)) if v > 1) or "1 rank"
+                for zero in (ZERO_MODES if dp > 1 and pp == 1 and ep == 1 else ("owner",)):
+                    out.append((name, dims, zero))
+    return out
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:.2f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--schedules", action="store_true", help="only print the schedule tables and exit")
+    p.add_argument("--steps", type=cli.positive_int, default=3, help="MuonClip steps per layout")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="sequences per step (global batch)")
+    p.add_argument("--seq-len", type=cli.positive_int, default=32, help="tokens per sequence")
+    p.add_argument("--layers", type=cli.positive_int, default=4, help="decoder layers of the tiny model")
+    p.add_argument("--pp", type=cli.positive_int, default=4, help="pipeline ranks in the schedule tables")
+    p.add_argument("--microbatches", type=cli.positive_int, default=4, help="micro-batches in the schedule tables")
+    p.add_argument("--k2-dp", type=cli.positive_int, default=8, help="ZeRO-1 replicas in the K2 memory table")
+    p.add_argument("--tau", type=cli.positive_float, default=0.1, help="QK-Clip threshold (low: the clip acts)")
+    p.add_argument("--timeout", type=cli.positive_float, default=300.0, help="seconds a collective may wait")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed for model init and data")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads per rank")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(shutil.get_terminal_size().columns, 140))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or args.schedules:
+        _print_schedules(console, args.pp, args.microbatches)
+        if args.schedules:
+            return
+        t = Table(title="Kimi K2 per-rank memory, largest pipeline rank (meta device; bf16 weights and grads, fp32 "
+                        "Muon/AdamW state with master copy; activations not counted)")
+        for col in ("layout", "GPUs", "weights GiB", "grads GiB", "optimizer GiB", "total GiB"):
+            t.add_column(col, justify="right")
+        for name, gpus, w, g, o in k2_memory_rows(mla.ModelConfig.kimi_k2(), dp=args.k2_dp):
+            t.add_row(name, str(gpus), f"{w:,.1f}", f"{g:,.1f}", f"{o:,.1f}", f"{w + g + o:,.1f}")
+        console.print(t)
+        console.print("Run the layouts on real process groups:  torchrun --nproc_per_node=4 04_parallel.py  "
+                      "(CPU: gloo; GPUs: NCCL + bf16 autocast; multi-node: torchrun --nnodes N --rdzv-endpoint ...)")
+        return
+    cfg = mla.ModelConfig.tiny(num_hidden_layers=args.layers)
+    data = batches(cfg, args.steps, args.batch_size, args.seq_len, args.seed)
+    opt_kw = dict(lr=2e-2, adamw_lr=1e-2, tau=args.tau)
+    ref_losses, ref_state = reference_run(cfg, data, args.seed, opt_kw)
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    amp = torch.bfloat16 if cuda else None
+    t = Table(title=f"{world} ranks ({'NCCL, bf16 autocast' if cuda else 'gloo, fp32'}): tiny K2 ({args.layers} "
+                    f"layers), {args.steps} MuonClip steps of {args.batch_size} x {args.seq_len} tokens vs one process")
+    for col in ("layout", "schedule", "ZeRO-1", "loss per step", "max |Δ loss|", "max |Δ| params",
+                "MiB per rank: params (= grads)", "optimizer state", "activations (peak)"):
+        t.add_column(col, justify="right")
+    for name, dims, zero in demo_layouts(world, cfg):
+        if args.batch_size % (dims.dp * dims.ep * dims.n_microbatches):
+            continue
+        layout = init_distributed(dims, cfg, timeout_s=args.timeout)
+        model = build_model(cfg, layout, args.seed)
+        opt = make_optimizer(model, zero=zero, **opt_kw)
+        losses, mem = [], {}
+        for idx, tgt in data:
+            losses.append(train_step(model, opt, idx, tgt, amp))
+        opt.zero_grad(set_to_none=True)
+        forward_backward(model, *data[0], amp, memory=mem)  # measure the schedule's activation peak
+        m = rank_memory(model, opt, mem["activations"])
+        diff = max_diff_vs(model, ref_state)
+        per_rank = torch.tensor([m["params"], m["optimizer"], m["activations"]], dtype=torch.float64,
+                                device=layout.device)
+        gathered = [torch.zeros_like(per_rank) for _ in range(world)]
+        dist.all_gather(gathered, per_rank)
+        cols = [" ".join(_mib(g[i].item()) for g in gathered) for i in range(3)]
+        sched = dims.schedule if dims.pp > 1 else "-"
+        t.add_row(name, f"{sched} ({dims.n_microbatches} mb)" if dims.pp > 1 else sched,
+                  "dist. Muon" if zero == "distributed_muon" else zero, " ".join(f"{a:.4f}" for a in losses),
+                  f"{max(abs(a - b) for a, b in zip(losses, ref_losses)):.1e}", f"{diff:.1e}", *cols)
+    if rank == 0:
+        console.print(f"one process: losses {' '.join(f'{a:.4f}' for a in ref_losses)}")
+        console.print(t)
+        console.print("Per-rank columns list ranks 0..n-1. PP divides the layers, EP the experts, ZeRO-1 the "
+                      "optimizer state; 1F1B keeps pp - stage micro-batches of activations, GPipe all of them.")
+    close_distributed(Layout(ParallelDims(), world_group=dist.group.WORLD))
+
+
+def _print_schedules(console, pp: int, n_micro: int) -> None:
+    for kind in SCHEDULES:
+        V = 2 if kind == "interleaved" else 1
+        try:
+            ParallelDims(pp=pp, dp=1, schedule=kind, n_microbatches=n_micro)
+        except ValueError as err:
+            console.print(f"{kind}: {err}")
+            continue
+        acts = schedule_actions(kind, pp, n_micro)
+        table = simulate_schedule(acts, pp, pp * V)
+        peaks = [peak_in_flight(a) for a in acts]
+        console.print(f"[bold]{kind}[/]: pp={pp}, {n_micro} micro-batches, {len(table[0])} ticks (F and B one tick "
+                      f"each{'; a/b = the two chunks of a rank' if V > 1 else ''}); peak chunk-micro-batches in "
+                      f"flight per rank: {peaks}")
+        console.print(format_schedule(table, V), highlight=False)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -85,6 +85,18 @@ def _layouts_worker(rank, world, port, layouts, out_dir):
     if world == 2:
         for kind in ("1f1b", "interleaved"):
             results[f"torch pipelining {kind}"] = _pipelining_vs_ours(kind, data[0])
+    else:  # checkpoint: step 1 under pp2 x dp2, save; load under dp4 into a differently seeded model, step 2
+        layout = par.init_distributed(par.ParallelDims(pp=2, dp=2, n_microbatches=2), CFG, timeout_s=60)
+        _, model, opt = par.run_layout(CFG, layout, data[:1], 0, OPT)
+        ckpt = os.path.join(out_dir, "ckpt")
+        par.save_checkpoint(ckpt, model, opt, extra={"step": torch.tensor(1)})
+        layout = par.init_distributed(par.ParallelDims(dp=4), CFG, timeout_s=60)
+        model = par.build_model(CFG, layout, seed=123)
+        opt = par.make_optimizer(model, **OPT)
+        extra = par.load_checkpoint(ckpt, model, opt)
+        losses = [par.train_step(model, opt, idx, tgt) for idx, tgt in data[1:]]
+        results["resharded pp2 x dp2 -> dp4"] = dict(losses=losses, diff=par.max_diff_vs(model, ref),
+                                                     step=int(extra["step"]))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -211,6 +223,25 @@ def test_two_rank_layouts_equal_one_process(two_ranks, reference, name):
 @pytest.mark.parametrize("name", list(LAYOUTS_4))
 def test_four_rank_layouts_equal_one_process(four_ranks, reference, name):
     _check_layout(four_ranks, name, reference)
+
+
+@pytest.mark.dist
+def test_checkpoint_resharded_across_layouts_resumes_exactly(four_ranks, reference, tmp_path_factory, monkeypatch):
+    """Saved after step 1 under pp2 x dp2; step 2 after loading under dp4, and in one process, equals the
+    uninterrupted single-process run (parameters, router biases and optimizer state all carried over)."""
+    res = four_ranks[0]["resharded pp2 x dp2 -> dp4"]
+    assert res["step"] == 1
+    assert abs(res["losses"][0] - reference["losses"][1]) < 1e-5 and res["diff"] < 1e-5, res
+    ckpt = next(tmp_path_factory.getbasetemp().glob("ranks4*/ckpt"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    data = par.batches(CFG, STEPS, BATCH, SEQ, seed=0)
+    _, ref_state = par.reference_run(CFG, data, 0, OPT)
+    layout = par.init_distributed(par.ParallelDims(), CFG)
+    model = par.build_model(CFG, layout, seed=7)
+    opt = par.make_optimizer(model, **OPT)
+    par.load_checkpoint(str(ckpt), model, opt)
+    loss = par.train_step(model, opt, *data[1])
+    assert abs(loss - reference["losses"][1]) < 1e-5 and par.max_diff_vs(model, ref_state) < 1e-5
 
 
 @pytest.mark.dist
