@@ -95,6 +95,7 @@ import importlib
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -902,7 +903,9 @@ def save_checkpoint(path: str, model: RankModel, opt: ZeroMuonClip, extra: dict 
     if lay.rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
     _barrier(lay)
-    dcp.save(sd, checkpoint_id=tmp, no_dist=lay.world_group is None)
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(sd, checkpoint_id=tmp, no_dist=lay.world_group is None)
     _barrier(lay)
     if lay.rank == 0:
         old = path.rstrip("/") + ".old"
@@ -935,7 +938,9 @@ def load_checkpoint(path: str, model: RankModel, opt: ZeroMuonClip | None = None
     extra_keys = [k for k in stored if k.startswith("extra/")]
     for k in extra_keys:
         sd[k] = torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
-    dcp.load(sd, checkpoint_id=path, no_dist=lay.world_group is None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=path, no_dist=lay.world_group is None)
     with torch.no_grad():
         for k, t in live.items():
             t.copy_(sd[f"model/{k}"])
