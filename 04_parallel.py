@@ -85,7 +85,7 @@ References
 Run:
     python 04_parallel.py --help
     python 04_parallel.py                              # how to launch, schedule tables, K2 memory table
-    torchrun --nproc_per_node=4 04_parallel.py         # every layout of 4 ranks vs one process (~2 min on CPU)
+    torchrun --nproc_per_node=4 04_parallel.py         # every layout of 4 ranks vs one process (~1 min, 2 cores)
     torchrun --nproc_per_node=8 04_parallel.py         # on a GPU node (NCCL, bf16 autocast)
 """
 
