@@ -11,7 +11,7 @@ Rows (`--only NAME` runs one; repeat the flag for several):
     moe           MoE layer forward+backward vs a dense SwiGLU of equal activated FLOPs, the input needing its
                   gradient and not needing it
     moe_dispatch  fast sorted dispatch vs the naive per-expert loop and transformers' DeepseekV3MoE
-    moe_scaling   MoE forward+backward time at 1x, 2x, 4x tokens
+    moe_scaling   MoE forward+backward time at 1x, 2x, 4x tokens (2048, 4096, 8192)
     mla_decode    one MLA decode step at 4k context with K2's attention shapes: absorbed latent cache vs
                   re-expanding it, and vs a full per-head K/V cache (cache sizes printed)
     decode_scaling  absorbed decode time per token at 1k, 4k, 16k context
@@ -28,7 +28,7 @@ Bench preset (rows pretrain and muonclip): chapter 2's tiny() with hidden 256, d
 
 Run:
     python bench.py --help
-    python bench.py                      # every row but train, a few minutes on 2 cores
+    python bench.py                      # every row but train: about 5 minutes on 2 quiet cores
     python bench.py --only moe --only mla_decode --json bench.json
     python bench.py --quick              # micro sizes, 2 repeats: checks the plumbing in well under a minute
     python bench.py --only train         # python train.py's wall clock (up to 10 minutes)
@@ -242,6 +242,7 @@ def row_moe_dispatch(o: Opts) -> RowResult:
 def row_moe_scaling(o: Opts) -> RowResult:
     quick = o.quick
     moe, _, (T, D, *_rest) = _moe_pair(quick)
+    T //= 2  # 1x = half the moe row's tokens, so 4x stays within a few seconds a step
     xs = {m: torch.randn(1, m * T, D) for m in (1, 2, 4)}
     med = interleaved({m: _fwd_bwd(moe, x, True) for m, x in xs.items()}, o)
     res = RowResult("moe_scaling")
@@ -314,7 +315,7 @@ def row_mla_decode(o: Opts) -> RowResult:
 
     with torch.no_grad():
         med = interleaved({"absorbed": latent(True), "naive": latent(False),
-                           "full": lambda: full_kv_decode(attn, x, cos, sin, k_full, v_full, context)}, o, o.reps * 3)
+                           "full": lambda: full_kv_decode(attn, x, cos, sin, k_full, v_full, context)}, o)
     res = RowResult("mla_decode")
     mla_vals = mla.kv_cache_values_per_token(cfg)
     mha_vals = mla.kv_cache_values_per_token(cfg, "mha")
@@ -618,6 +619,10 @@ def run_rows(names: list[str], o: Opts, threads: int | None, on_row=None) -> lis
 # ---- report ----
 
 
+MEMORY_NOTE = ("peak RSS = ru_maxrss of the row's own spawned process (engine: the largest of its 3 ranks); row RSS = "
+               "peak minus the process's resident size after the imports.")
+
+
 def _fmt_ratio(line: dict) -> str:
     if line["unit"] == "%":
         return f"{100 * line['ratio']:.0f}%"
@@ -642,6 +647,28 @@ def table(rows: list[dict], title: str) -> Table:
     return t
 
 
+def markdown(rows: list[dict], title: str) -> str:
+    """The same table as GitHub markdown (for README's Performance section)."""
+    out = [f"{title}", "", "| row | what | against | figure | target | | times | peak / row RSS |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        mem = f"{row['peak_rss_mib']:.0f} / {row['row_rss_mib']:.0f} MiB"
+        if not row["lines"]:
+            out.append(f"| {row['name']} | {'; '.join(row['notes'])} | | - | | - | | {mem} |")
+        for i, ln in enumerate(row["lines"]):
+            mark = {True: "met", False: "**missed**", None: "-"}[ln["met"]]
+            out.append(f"| {row['name'] if i == 0 else ''} | {ln['what']} | {ln['against']} | {_fmt_ratio(ln)} | "
+                       f"{ln['target'].replace('<', '&lt;')} | {mark} | {ln['detail']} | {mem if i == 0 else ''} |")
+    return "\n".join(out) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def machine() -> dict:
     return dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), threads=torch.get_num_threads())
@@ -652,6 +679,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", choices=list(ROWS), default=None,
                    help="run only this row (repeat for several); without it every row but train")
     p.add_argument("--json", type=cli.out_file, default=None, help="also write the results to this JSON file")
+    p.add_argument("--markdown", type=cli.out_file, default=None, help="also write the table as markdown here")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch CPU threads (unset: torch's default)")
     p.add_argument("--reps", type=cli.positive_int, default=None, help="timed rounds per row (unset: 7, 2 with --quick)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
@@ -666,31 +694,34 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     o = Opts(quick=args.quick, reps=reps, clock=args.clock)
-    rows = run_rows(names, o, args.threads,
-                    on_row=lambda r: console.print(f"{r['name']}: done in {r['seconds']:.0f} s, " + "; ".join(
-                        f"{ln['what']}: {_fmt_ratio(ln)}" for ln in r["lines"]) + ("; ".join(r["notes"]) if not r["lines"] else "")))
+
+    def partial(r: dict) -> None:  # one line per row as it finishes
+        figures = "; ".join(f"{ln['what']}: {_fmt_ratio(ln)}" for ln in r["lines"]) or "; ".join(r["notes"])
+        console.print(f"{r['name']} ({r['seconds']:.0f} s): {figures}")
+
+    rows = run_rows(names, o, args.threads, on_row=partial)
     load_after = os.getloadavg()[0]
     info = machine()
     title = (f"bench.py{' --quick' if args.quick else ''}: ratios of medians ({args.clock} time) of {reps} "
              f"interleaved rounds, "
-             f"{info['threads']} threads on {info['cores']} cores, load average {load_before:.1f} before, "
+             f"torch threads {info['threads']} on {info['cores']} cores, load average {load_before:.1f} before, "
              f"{load_after:.1f} after, torch {info['torch']}")
     console.print(table(rows, title))
     for row in rows:
         for note in row["notes"]:
             if row["lines"]:
                 console.print(note)
-    console.print("peak RSS = ru_maxrss of the row's own spawned process; row RSS = peak minus its resident size "
-                  "after the imports.")
+    console.print(MEMORY_NOTE)
     if args.json:
         payload = dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
-                       machine=info, quick=args.quick, reps=reps, clock=args.clock, load_average=[load_before, load_after],
-                       seconds=time.perf_counter() - t0, rows=rows)
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, args.json)
+                       machine=info, quick=args.quick, reps=reps, clock=args.clock,
+                       load_average=[load_before, load_after], seconds=time.perf_counter() - t0, rows=rows)
+        _write_atomic(args.json, json.dumps(payload, indent=1))
         console.print(f"wrote {args.json}")
+    if args.markdown:
+        notes = [n for r in rows if r["lines"] for n in r["notes"]]
+        _write_atomic(args.markdown, markdown(rows, title) + "".join(f"\n{n}\n" for n in [*notes, MEMORY_NOTE]))
+        console.print(f"wrote {args.markdown}")
     return 0
 
 
