@@ -42,8 +42,15 @@ Design choices
   the order of receives (NCCL matches in order; a test checks it for every schedule).
 - Every collective has the process group's timeout (`init_distributed(timeout_s=...)`): a dead rank turns into
   an error on the others instead of a hang. With world size 1 no process group is created at all.
+- ZeRO-1 owner vs Distributed Muon: ownership needs no collective beyond the gradient all-reduce and one
+  broadcast per parameter, and each Newton-Schulz runs once, on its owner; but whole parameters balance badly
+  when one dominates (K2's embedding, 1.17B parameters, is twice the 0.59B non-expert weights of the 4 MoE
+  layers a PP16 stage holds).
+  Distributed Muon splits every parameter's state evenly (memory balanced whatever the sizes) at the cost of an
+  all-gather of each momentum matrix and Newton-Schulz repeated on every rank.
 - Checkpoints use torch.distributed.checkpoint (DCP) with layout-free keys (global layer ids, one key per
-  expert), so a checkpoint saved under one layout loads under any other. Written to a temp dir, then renamed.
+  expert), so a checkpoint saved under one layout loads under any other. Written to a temp dir, then renamed
+  (multi-node: the directory must be on a filesystem every node sees).
 
 API for train.py
     dims   = ParallelDims.from_env(pp=2, ep=2, schedule="1f1b", n_microbatches=4)   # dp = WORLD_SIZE / (pp·ep)
@@ -51,6 +58,7 @@ API for train.py
     model  = build_model(cfg, layout, seed=0)            # this rank's RankModel
     opt    = make_optimizer(model, lr=..., adamw_lr=..., tau=..., zero="owner")
     loss   = train_step(model, opt, idx, targets)        # same global batch on every rank; returns the mean loss
+    val    = evaluate(model, idx, targets)               # forward only (no S_max, no bias update)
     save_checkpoint(path, model, opt) / load_checkpoint(path, model, opt)
     close_distributed(layout)
 `train_step` slices this rank's share of the global batch (B must divide by dp·ep·n_microbatches), runs
@@ -714,9 +722,25 @@ def train_step(model: RankModel, opt: ZeroMuonClip, idx: torch.Tensor, targets: 
     return loss
 
 
+@torch.no_grad()
+def evaluate(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
+             autocast_dtype: torch.dtype | None = None) -> float:
+    """Mean loss of the global batch under the layout, forward only: no gradient, no S_max recorded (it would
+    count toward the next step's QK-Clip), no bias update."""
+    attns = [m for m in model.modules() if isinstance(m, mla.MLA)]
+    flags = [m.record_s_max for m in attns]
+    for m in attns:
+        m.record_s_max = False
+    try:
+        return forward_backward(model, idx, targets, autocast_dtype, backward=False)[0]
+    finally:
+        for m, f in zip(attns, flags):
+            m.record_s_max = f
+
+
 def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
-                     autocast_dtype: torch.dtype | None = None, memory: dict | None = None
-                     ) -> tuple[float, list[torch.Tensor]]:
+                     autocast_dtype: torch.dtype | None = None, memory: dict | None = None,
+                     backward: bool = True) -> tuple[float, list[torch.Tensor]]:
     """This rank's share of the global batch through its schedule; gradients (of the mean loss) accumulate in
     .grad, not yet averaged over replicas. Returns (global mean loss, per chunk its (n_moe, E) expert loads).
     memory: if a dict, gets "activations", the peak bytes saved for backward (parameters excluded) over the
@@ -765,11 +789,14 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
         actions = [(k, m, 0) for m in range(M) for k in "FB"]
         for m in range(M):
             loss, _ = forward(m, 0, idx_mb[m])
-            loss.backward()
+            if backward:
+                loss.backward()
     else:
         actions = schedule_actions(d.schedule, d.pp, M)[lay.pp_rank]
+        if not backward:  # forwards only, in the schedule's order (so p2p messages keep their order)
+            actions = [a for a in actions if a[0] == "F"]
         _run_pipeline(model, forward, idx_mb, actions)
-    if memory is not None:
+    if memory is not None and backward:
         live = peak = 0
         for kind, m, c in actions:
             live += saved_bytes[(m, c)] if kind == "F" else -saved_bytes[(m, c)]
@@ -795,7 +822,8 @@ def _run_pipeline(model: RankModel, forward, idx_mb, actions) -> None:
                 dist.recv(x, src=lay.grid_rank((v - 1) % d.pp), tag=_tag("F", m, v, n_stages))
                 x.requires_grad_()
             out, aux = forward(m, c, x)
-            saved[(m, c)] = (x, out, aux)
+            if torch.is_grad_enabled():
+                saved[(m, c)] = (x, out, aux)
             if v < n_stages - 1:
                 send = out.detach().float().contiguous()
                 pending.append((dist.isend(send, dst=lay.grid_rank((v + 1) % d.pp), tag=_tag("F", m, v + 1, n_stages)),
@@ -829,8 +857,8 @@ def batches(cfg, n_steps: int, batch_size: int, seq_len: int, seed: int) -> list
     return [next(data) for _ in range(n_steps)]
 
 
-def reference_run(cfg, data, seed: int, opt_kw: dict) -> tuple[list[float], dict]:
-    """One process, whole batch per step: chapter 3's MuonClip loop. Returns losses and the canonical state."""
+def reference_run(cfg, data, seed: int, opt_kw: dict) -> tuple[list[float], dict, nn.Module]:
+    """One process, whole batch per step: chapter 3's MuonClip loop. Returns losses, canonical state, model."""
     torch.manual_seed(seed)
     model = mla.Transformer(cfg)
     opt = mc.MuonClip(model, **opt_kw)
@@ -843,7 +871,7 @@ def reference_run(cfg, data, seed: int, opt_kw: dict) -> tuple[list[float], dict
         mla.update_router_biases_(model, out.expert_load, cfg.bias_update_speed)
         losses.append(out.loss.item())
     one = Layout(ParallelDims())
-    return losses, RankModel(cfg, one, [model], [list(range(cfg.num_hidden_layers))]).canonical_state()
+    return losses, RankModel(cfg, one, [model], [list(range(cfg.num_hidden_layers))]).canonical_state(), model
 
 
 def run_layout(cfg, layout: Layout, data, seed: int, opt_kw: dict, zero: str = "owner",
@@ -1070,7 +1098,7 @@ def main(argv=None) -> None:
     cfg = mla.ModelConfig.tiny(num_hidden_layers=args.layers)
     data = batches(cfg, args.steps, args.batch_size, args.seq_len, args.seed)
     opt_kw = dict(lr=2e-2, adamw_lr=1e-2, tau=args.tau)
-    ref_losses, ref_state = reference_run(cfg, data, args.seed, opt_kw)
+    ref_losses, ref_state, _ = reference_run(cfg, data, args.seed, opt_kw)
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
     amp = torch.bfloat16 if cuda else None

@@ -72,7 +72,9 @@ def _layer_rows(model, tensor):
 def _layouts_worker(rank, world, port, layouts, out_dir):
     _env(rank, world, port)
     data = par.batches(CFG, STEPS, BATCH, SEQ, seed=0)
-    _, ref = par.reference_run(CFG, data, 0, OPT)
+    _, ref, ref_model = par.reference_run(CFG, data, 0, OPT)
+    with torch.no_grad():
+        ref_eval = ref_model(*data[0]).loss.item()
     results = {}
     for name, (dims_kw, zero) in layouts.items():
         layout = par.init_distributed(par.ParallelDims(**dims_kw), CFG, timeout_s=60)
@@ -82,6 +84,9 @@ def _layouts_worker(rank, world, port, layouts, out_dir):
                              bias={k: v.clone() for k, v in state.items() if "e_score_correction_bias" in k},
                              clipped=_layer_rows(model, opt.clip_stats["clipped"]),
                              s_max=_layer_rows(model, opt.clip_stats["s_max"]))
+        results[name]["eval"] = (par.evaluate(model, *data[0]), ref_eval)
+        results[name]["eval_left_s_max"] = any(m.step_s_max is not None for m in model.modules()
+                                               if isinstance(m, mla.MLA))
     if world == 2:
         for kind in ("1f1b", "interleaved"):
             results[f"torch pipelining {kind}"] = _pipelining_vs_ours(kind, data[0])
@@ -202,6 +207,8 @@ def _check_layout(results, name, reference):
     torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(reference["losses"]), rtol=0, atol=1e-5)
     assert r0["diff"] < 1e-5, r0["diff"]  # every parameter and router bias, max over ranks
     assert reference["clipped"].any() and not reference["clipped"].all()  # the clip had a decision to make
+    ours, theirs = r0["eval"]  # forward-only evaluation under the layout, after the 2 steps
+    assert abs(ours - theirs) < 1e-5 and not r0["eval_left_s_max"], (ours, theirs)
     for rank in results:
         res = rank[name]
         for layer, clipped in res["clipped"].items():  # same heads clipped as in one process, on every rank
@@ -235,7 +242,7 @@ def test_checkpoint_resharded_across_layouts_resumes_exactly(four_ranks, referen
     ckpt = next(tmp_path_factory.getbasetemp().glob("ranks4*/ckpt"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     data = par.batches(CFG, STEPS, BATCH, SEQ, seed=0)
-    _, ref_state = par.reference_run(CFG, data, 0, OPT)
+    _, ref_state, _ = par.reference_run(CFG, data, 0, OPT)
     layout = par.init_distributed(par.ParallelDims(), CFG)
     model = par.build_model(CFG, layout, seed=7)
     opt = par.make_optimizer(model, **OPT)
@@ -340,7 +347,7 @@ def test_train_step_under_bf16_autocast_keeps_fp32_where_it_matters(monkeypatch)
 def test_single_process_path_needs_no_process_group_and_equals_chapter_3(reference, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     data = par.batches(CFG, STEPS, BATCH, SEQ, seed=0)
-    _, ref_state = par.reference_run(CFG, data, 0, OPT)
+    _, ref_state, _ = par.reference_run(CFG, data, 0, OPT)
     for zero in par.ZERO_MODES:
         layout = par.init_distributed(par.ParallelDims(n_microbatches=2), CFG)
         losses, model, _ = par.run_layout(CFG, layout, data, 0, OPT, zero)
