@@ -99,7 +99,8 @@ WORK = "/work"             # the work dir as the program sees it
 @dataclass
 class SandboxResult:
     ok: bool                  # exited 0, in time, within limits
-    exit_code: int | None     # negative = killed by that signal (as subprocess reports it)
+    exit_code: int | None     # -N: the sandbox killed it with signal N; under bwrap a program that dies of
+                              # signal N by itself reports 128 + N (as a shell does)
     timed_out: bool
     killed_for_memory: bool
     output_truncated: bool
