@@ -704,13 +704,13 @@ def hostile_table(console, timeout_s: float = 2.0, memory_mb: int = 128, max_pro
                   memory_mb=memory_mb, max_procs=max_procs, disk_mb=16, disk_files=256)
     t = Table(title=f"run_many on hostile programs, all at once (timeout {timeout_s:g} s, {memory_mb} MiB, "
                     f"{max_procs} processes, work dir 16 MiB / 256 files)")
-    for col in ("program", "ok", "exit status", "timed out", "memory", "truncated", "disk full", "files full",
+    for col in ("program", "ok", "exit / signal", "timed out", "memory", "truncated", "disk full", "files full",
                 "wall s", "last output line"):
         t.add_column(col)
     for name, r in zip(names, rs):
         last = (r.stderr.strip().splitlines() or [r.stdout.strip()[:40]])[-1][:60]
         code = r.exit_code
-        status = f"killed ({signal.Signals(-code).name})" if code is not None and code < 0 else str(code)
+        status = signal.Signals(-code).name if code is not None and code < 0 else str(code)  # killed by a signal
         t.add_row(name, str(r.ok), status, str(r.timed_out), str(r.killed_for_memory),
                   str(r.output_truncated), str(r.disk_full), str(r.too_many_files), f"{r.wall_s:.2f}", last)
     console.print(t)
