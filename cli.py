@@ -18,6 +18,7 @@ Usage in a script:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -127,6 +128,18 @@ def in_file(s: str) -> str:
     if not os.access(s, os.R_OK):
         raise argparse.ArgumentTypeError(f"{s!r}: not readable")
     return s
+
+
+def key_value(s: str) -> tuple[str, object]:
+    """'hidden_size=128' -> ('hidden_size', 128): the value is read as JSON (numbers, true/false, null, lists,
+    quoted strings), else kept as a plain string ('scoring_func=sigmoid')."""
+    key, sep, value = s.partition("=")
+    if not sep or not key.strip() or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value with a name as key, got {s!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def flag_error(parser: argparse.ArgumentParser, err: Exception, flags: dict[str, str]) -> None:

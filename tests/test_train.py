@@ -1,0 +1,210 @@
+"""train.py: the whole recipe at micro size (--quick), exact resume after SIGKILL, HF export, flags, checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import load
+
+train = load("train")
+data = load("05_data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--quick", "--pretrain-steps", "30"]  # long enough to be killed in the middle of a stage
+
+
+def run_main(argv, capsys=None):
+    """train.main in this process; returns (exit code, stderr)."""
+    n = torch.get_num_threads()
+    try:
+        code = train.main(argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(n)
+    return code, capsys.readouterr().err if capsys else ""
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted micro run, the reference for the other tests."""
+    out = str(tmp_path_factory.mktemp("runs") / "ref")
+    assert run_main(QUICK + ["--out", out]) == (0, "")
+    return out
+
+
+def step_records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out, stage):
+    return torch.load(os.path.join(out, "ckpt", f"{stage}.pt"), weights_only=True)
+
+
+@pytest.mark.slow
+def test_quick_pipeline_trains_evaluates_and_writes_the_run_directory(quick_run):
+    recs = step_records(quick_run)
+    steps = [r for r in recs if "loss" in r]
+    evals = {r["stage"]: r["eval"] for r in recs if "eval" in r}
+    assert [r["step"] for r in steps] == list(range(1, 31)) + list(range(1, 7))
+    assert list(evals) == ["pretrain", "sft"]
+    pre = [r["loss"] for r in steps if r["stage"] == "pretrain"]
+    assert sum(pre[-5:]) / 5 < sum(pre[:5]) / 5 - 0.5  # pretraining learns (byte-level: starts near ln 268)
+    for r in steps:  # QK-Clip and MoE balance are logged every step
+        assert r["s_max"] > 0 and r["max_vio"] >= 0 and r["clipped_heads"] >= 0
+    for res in evals.values():
+        assert set(res) == {"val_loss", "sft_val_loss", "qa_held_out", "qa_format", "math", "tool_success"}
+        assert all(0 <= res[k] <= 1 for k in ("qa_held_out", "qa_format", "math", "tool_success"))
+    assert evals["sft"]["sft_val_loss"] < evals["pretrain"]["sft_val_loss"]  # SFT fits unseen trajectories better
+    with open(os.path.join(quick_run, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["pretrain_steps"] == 30 and cfg["model"]["hidden_size"] == 64
+    for name in ("ckpt/last.pt", "ckpt/pretrain.pt", "ckpt/sft.pt", "figures/train_curves.png"):
+        assert os.path.isfile(os.path.join(quick_run, name)), name
+
+
+def test_sft_targets_are_exactly_the_assistant_tokens():
+    tok = data.Tokenizer()
+    kept, _ = data.synthesize(7, seed=0)
+    rec = kept[0]
+    x, y = train.sft_example(rec, tok, max_len=10_000)
+    ids, mask = data.render_chat([train.compact_system(rec["meta"]["agent"])] + rec["messages"][1:], tok)
+    assert x.tolist() == ids[:-1]
+    assert [t != -100 for t in y.tolist()] == [bool(m) for m in mask[1:]]
+    assert tok.decode([t for t in y.tolist() if t != -100]).count("<|end|>") == sum(
+        m["role"] == "assistant" for m in rec["messages"])
+
+
+def test_batches_are_pure_functions_of_the_step():
+    tc = train.TrainConfig(**{**train.quick_config(), "model": {}})
+    c = train.build_corpora(tc)
+    a, b = train.sft_batch(c, tc, 5), train.sft_batch(c, tc, 5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    x, y = train.pretrain_batch(c, tc, 3)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the next tokens
+
+
+def _start(out, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *QUICK, "--out", out, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc, out, stage):
+    """SIGKILL the run as soon as it has checkpointed inside `stage` (so it dies mid-stage, between checkpoints)."""
+    where = os.path.join(out, "ckpt", "last.json")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with open(where) as f:
+                w = json.load(f)
+        except (OSError, ValueError):
+            w = None
+        if w and w["stage"] == stage and stage not in w["finished"]:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return w
+        time.sleep(0.01)
+    raise AssertionError(f"the run ended before it could be killed in {stage}: {proc.communicate()[1][-2000:]}")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_bit_identical_results(quick_run, tmp_path):
+    out = str(tmp_path / "killed")
+    killed_at = [_kill_when(_start(out), out, "pretrain")]
+    killed_at.append(_kill_when(_start(out, "--resume"), out, "sft"))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--resume"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert killed_at[0]["step"] < 30 and killed_at[1]["finished"] == ["pretrain"]
+    assert step_records(out) == step_records(quick_run)  # every step's loss, S_max, MaxVio and the evaluations
+    for stage in ("pretrain", "sft"):
+        a, b = weights(out, stage), weights(quick_run, stage)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_run_resumed_without_work_says_so(quick_run, capsys):
+    code, err = run_main(["--out", quick_run, "--resume"], capsys)
+    assert code == 2 and "nothing to do" in err
+
+
+def test_hf_export_round_trip(quick_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    export = str(tmp_path / "hf")
+    assert run_main(["--out", quick_run, "--resume", "--export-hf", export]) == (0, "")
+    with open(os.path.join(quick_run, "config.json")) as f:
+        cfg = train.mla.ModelConfig.from_hf(json.load(f)["model"])
+    ours = train.mla.Transformer(cfg)
+    ours.load_state_dict(weights(quick_run, "sft"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert train.mla.ModelConfig.from_hf(os.path.join(export, "config.json")) == cfg
+    idx = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, ours.eval()(idx).logits, atol=2e-5, rtol=1e-4)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"  # the aux-loss-free bias travels too
+    assert torch.equal(hf.state_dict()[bias], ours.state_dict()["layers.1.mlp.router.e_score_correction_bias"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--stages", "sft,pretrain"], "order"),
+    (["--stages", "pretrain,eval"], "stages"),
+    (["--pretrain-steps", "0"], "--pretrain-steps"),
+    (["--resume", "--overwrite", "--out", "x"], "exclude"),
+    (["--resume"], "needs --out"),
+    (["--override", "attention_dropout=0.1"], "attention_dropout"),
+    (["--override", "not_a_key=1"], "not_a_key"),
+    (["--override", "hidden_size"], "key=value"),
+    (["--preset", "kimi-k2"], "GiB"),
+    (["--preset", "deepseek-v3", "--config", "README.md"], "exclude"),
+])
+def test_bad_flags_are_refused_with_the_flag_named(argv, message, capsys):
+    code, err = run_main(argv, capsys)
+    assert code == 2 and message in err, err
+
+
+def test_existing_run_is_not_overwritten_and_resume_refuses_other_settings(quick_run, capsys):
+    code, err = run_main(QUICK + ["--out", quick_run], capsys)
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    code, err = run_main(["--out", quick_run, "--resume", "--seed", "3"], capsys)
+    assert code == 2 and "seed" in err
+    empty = os.path.join(os.path.dirname(quick_run), "empty")
+    os.makedirs(empty, exist_ok=True)
+    code, err = run_main(["--out", empty, "--resume"], capsys)
+    assert code == 2 and "no run" in err
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return os.path.join(dst, "ckpt", "last.pt")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "corrupted or truncated"), ("garbage", "corrupted or truncated"),
+    ("other_config", "different config (differs in: pretrain_steps)"), ("wrong_weights", "do not fit"),
+])
+def test_damaged_checkpoints_are_refused(quick_run, tmp_path, capsys, damage, message):
+    out = str(tmp_path / "run")
+    ckpt = _copy_run(quick_run, out)
+    if damage == "truncate":
+        with open(ckpt, "rb") as f:
+            blob = f.read()
+        with open(ckpt, "wb") as f:
+            f.write(blob[: len(blob) // 2])
+    elif damage == "garbage":
+        with open(ckpt, "wb") as f:
+            f.write(os.urandom(4096))
+    else:
+        state = torch.load(ckpt, weights_only=True)
+        if damage == "other_config":
+            state["config"]["pretrain_steps"] = 99
+        else:
+            state["model"].pop(next(iter(state["model"])))
+        torch.save(state, ckpt)
+    code, err = run_main(["--out", out, "--resume", "--export-hf", str(tmp_path / "hf")], capsys)
+    assert code == 2 and message in err, err

@@ -1,0 +1,729 @@
+"""The whole Kimi K2 recipe end to end: pretrain -> SFT -> RL, evaluated after every stage, on one CPU.
+
+What it does
+    1. Pretrain the tiny K2 (chapter 2: MLA + ultra-sparse MoE with the aux-loss-free bias of chapter 1) with
+       MuonClip (chapter 3) on chapter 5's corpora: a fictional world's biographies, rephrased chunk-wise and
+       fidelity-checked (N rephrasings x 1 epoch, K2 §2.2's best arm, with QA lines for half the people), and
+       math word problems with worked solutions and their "learning note" rewrites.
+    2. SFT on chapter 5's synthesized agentic trajectories (judge-filtered), loss on assistant tokens only.
+    3. RL (chapter 6) when 06_rl.py is present.
+    After every stage, on held-out data: validation loss (raw biographies and unseen math), SFT loss on unseen
+    trajectories, knowledge QA accuracy (closed-book multiple choice on people whose QA never appears in
+    training, chance 1/8), math accuracy (greedy solution, exact final answer), tool-use task success (the model
+    plays the agent on unseen tasks against chapter 5's user simulator, tools and judge).
+    Everything lands in a run directory: config.json (resolved), metrics.jsonl (one line per step and per
+    evaluation), checkpoints (atomic, loaded with weights_only=True; --resume continues bit for bit), figures.
+
+Design choices
+    - No concept code here: every model, optimizer, data and reward piece is a call into a chapter; this file
+      only wires them, keeps the books (metrics, checkpoints) and checks its flags.
+    - Resume is exact on CPU: a batch is a pure function of (seed, stage, step), so the data position is the
+      step; a checkpoint holds model, optimizer, RNG states, the finished stages' results and how many
+      metrics.jsonl lines existed, and resuming truncates the file there. One torch thread by default: a CPU
+      reduction's last bits depend on the thread count (chapter 5), so resume refuses a different count.
+    - One optimizer object per stage (MuonClip: Muon for matrices, AdamW for embeddings/head/norms, QK-Clip
+      after each step); each stage has its own warmup + cosine schedule (chapter 3's lr_factor).
+    - The model config travels as config.json keys (HF DeepseekV3 names): `--preset`, `--config FILE` and
+      `--override key=value` all resolve through chapter 2's ModelConfig.from_hf, which rejects unknown keys.
+    - The tool schemas in the system prompt are shortened to tool names: full JSON schemas would be ~2,000
+      byte tokens per conversation, too long for a CPU run.
+
+Simplified vs K2
+    - 15.5T tokens, a 1.04T model and a real tokenizer vs ~1M byte tokens, a ~1.7M-parameter tiny K2, 268 ids.
+    - One constant-shape curriculum instead of K2's staged data mixture and long-context activation; no WSD
+      schedule (warmup + cosine per stage); no MTP; fp32 on CPU.
+    - Tool use is evaluated on chapter 5's 7 task kinds with a scripted user, not on real benchmarks.
+
+References
+    Kimi K2 (arXiv 2507.20534): §2.1 MuonClip, §2.2 rephrasing, §2.3 architecture, §3.1 SFT + agentic data,
+    §3.2 RL. Moonlight (arXiv 2502.16982) for Muon's scaling; DeepSeek-V3 (arXiv 2412.19437) for the MoE/MLA.
+
+Run:
+    python train.py --help
+    python train.py                                   # the default recipe, about 7 minutes on 2 CPU cores
+    python train.py --quick --out runs/quick          # a micro run in well under a minute
+    python train.py --out runs/a --resume             # continue a killed run (same numbers, bit for bit)
+    python train.py --out runs/a --resume --export-hf hf/   # then: AutoModelForCausalLM.from_pretrained("hf/")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import cli
+
+moe_lib = importlib.import_module("01_moe")
+mla = importlib.import_module("02_mla")
+muonclip = importlib.import_module("03_muonclip")
+data = importlib.import_module("05_data")
+
+STAGES = ("pretrain", "sft", "rl")
+CKPT_FORMAT = 1
+
+
+# ---- the run's configuration ----
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; config.json in the run directory is this, resolved (model included)."""
+
+    stages: list = field(default_factory=lambda: ["pretrain", "sft"])
+    seed: int = 0
+    threads: int = 1
+    model: dict = field(default_factory=dict)  # config.json keys of chapter 2's ModelConfig (HF names)
+    # data (chapter 5)
+    entities: int = 64  # people in the knowledge world (half get QA lines in training, half are held out)
+    attributes: int = 1  # facts per person (1 = hometown, one of 8 cities)
+    rephrasings: int = 4  # N rephrasings of every biography (K2 Table 1's best arm: N rephrasings x 1 epoch each)
+    math_problems: int = 800  # word problems generated; duplicates of a training question never reach the test
+    math_test: int = 32
+    math_per_round: int = 16  # problems (solution + learning note) interleaved with each knowledge epoch
+    sft_tasks: int = 280  # tasks given to chapter 5's synthesis (judge-filtered trajectories are kept)
+    sft_val_tasks: int = 28
+    eval_tasks: int = 14  # held-out tool-use tasks the model plays after every stage (2 per task kind)
+    # pretraining
+    pretrain_steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 2e-2  # Muon's lr (hidden matrices)
+    adamw_lr: float = 3e-3  # embeddings, head, norms
+    weight_decay: float = 0.1
+    tau: float = 30.0  # QK-Clip threshold (K2: 100; the tiny model's logits are smaller)
+    # SFT
+    sft_steps: int = 60
+    sft_batch_size: int = 8
+    sft_seq_len: int = 768
+    sft_lr: float = 1e-2
+    sft_adamw_lr: float = 1.5e-3
+    # evaluation
+    val_batches: int = 4
+    max_new_tokens: int = 160  # per assistant turn
+    max_turns: int = 6
+    # bookkeeping
+    ckpt_every: int = 25
+
+    def validate(self) -> None:
+        for s in self.stages:
+            if s not in STAGES:
+                raise ValueError(f"stages: {s!r} is not one of {STAGES}")
+        if "rl" in self.stages and importlib.util.find_spec("06_rl") is None:
+            raise ValueError("stages: rl needs 06_rl.py, which is not in this checkout (use --stages pretrain,sft)")
+        if list(self.stages) != sorted(set(self.stages), key=STAGES.index):
+            raise ValueError(f"stages: {','.join(self.stages)} must be distinct and in the order {','.join(STAGES)}")
+        if not self.stages:
+            raise ValueError("stages: empty, nothing to do")
+        if self.math_test >= self.math_problems:
+            raise ValueError(f"math_test={self.math_test} must be smaller than math_problems={self.math_problems}")
+
+
+def quick_config() -> dict:
+    """--quick: a micro run (2 layers of width 64, 8 experts) through every stage, for tests and smoke runs."""
+    return dict(entities=16, rephrasings=2, math_problems=80, math_test=6, math_per_round=6, sft_tasks=28,
+                sft_val_tasks=7, eval_tasks=7, pretrain_steps=12, batch_size=4, seq_len=128, sft_steps=6,
+                sft_batch_size=4, sft_seq_len=384, val_batches=1, max_new_tokens=40, max_turns=3, ckpt_every=2,
+                model=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32,
+                           kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                           intermediate_size=128, moe_intermediate_size=16, n_routed_experts=8,
+                           num_experts_per_tok=2))
+
+
+def resolve_model(preset: str, config_path: str | None, overrides: dict, vocab_size: int) -> mla.ModelConfig:
+    """The model: a preset or a config.json, then `key=value` overrides, all read by ModelConfig.from_hf."""
+    if config_path:
+        with open(config_path) as f:
+            base = json.load(f)
+    else:
+        cfg = {"tiny": lambda: mla.ModelConfig.tiny(vocab_size=vocab_size, max_position_embeddings=2048),
+               "kimi-k2": mla.ModelConfig.kimi_k2, "deepseek-v3": mla.ModelConfig.deepseek_v3}[preset]()
+        base = {**cfg.to_hf(), "bias_update_speed": cfg.bias_update_speed}
+    if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
+        overrides = {**overrides, "num_key_value_heads": overrides["num_attention_heads"]}  # MLA: no GQA groups
+    cfg = mla.ModelConfig.from_hf({**base, **overrides})
+    if cfg.vocab_size < vocab_size:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} ids")
+    return cfg
+
+
+# ---- data: chapter 5's corpora, as token tensors ----
+
+@dataclass
+class Corpora:
+    tok: data.Tokenizer
+    world: data.KnowledgeWorld
+    fmt: list  # people whose QA lines are in training
+    held_out: list  # people whose knowledge is only in their biographies
+    stream: torch.Tensor  # (n_tokens,) the pretraining stream
+    val: torch.Tensor  # (n, seq_len + 1) held-out text: raw biographies, unseen math
+    math_test: list
+    sft: list  # [(ids, targets)] one conversation each, targets -100 off the assistant's tokens
+    sft_val: list
+    eval_tasks: list
+    counts: dict
+
+
+def compact_system(agent: str) -> dict:
+    """The agent's system prompt with its tools named, not spelled out as JSON schemas (seq length on CPU)."""
+    prompt, tools = data.AGENTS[agent]
+    return {"role": "system", "content": prompt + "\nTools: " + ", ".join(tools)}
+
+
+def sft_example(record: dict, tok: data.Tokenizer, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    msgs = [compact_system(record["meta"]["agent"])] + record["messages"][1:]
+    ids, mask = data.render_chat(msgs, tok)  # mask 1 exactly on what the assistant writes
+    ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+    x = torch.tensor(ids[:-1])
+    y = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])  # loss on assistant tokens only
+    return x, y
+
+
+def build_corpora(tc: TrainConfig) -> Corpora:
+    tok = data.Tokenizer()
+    rng = random.Random(tc.seed)
+    world = data.KnowledgeWorld(tc.entities, seed=tc.seed, n_attributes=tc.attributes)
+    # chunk-wise, fidelity-checked rephrasings; QA lines for half the people (chapter 5, K2 §2.2)
+    arms, fmt, held_out, reph = data.build_experiment_arms(world, tc.rephrasings, seed=tc.seed, full_names=True)
+    knowledge = arms["n_rephrasings"]  # N epochs, each a different rephrasing of every biography (+ QA lines)
+    problems = data.make_math_problems(tc.math_problems, seed=tc.seed)
+    train_p = problems[: tc.math_problems - tc.math_test]
+    seen = {p.question for p in train_p}
+    test_p = [p for p in problems[len(train_p):] if p.question not in seen]
+    math_docs = []
+    for p in train_p:  # each problem: its worked solution, and its learning-note rewrite when that passes fidelity
+        note = data.math_learning_note(p, rng)
+        math_docs.append([p.solution()] + ([note] if data.check_math_note(p, note) is None else []))
+    # rounds: one knowledge epoch (cycling over the N rephrasings) + the next math_per_round problems
+    need = tc.pretrain_steps * tc.batch_size * tc.seq_len + 1
+    rounds, n_tok, r = [], 0, 0
+    while n_tok < need:
+        docs = list(knowledge[r % len(knowledge)])
+        for i in range(r * tc.math_per_round, (r + 1) * tc.math_per_round):
+            docs += math_docs[i % len(math_docs)]
+        rounds.append(docs)
+        n_tok += sum(len(tok.encode(d)) + 2 for d in docs)
+        r += 1
+    stream = torch.tensor(data.token_stream(rounds, tok, tc.seed)[:need])
+    val_docs = [world.raw_document(e, full_names=True) for e in world.entities]
+    val_docs += [p.solution() for p in test_p] + [data.math_learning_note(p, rng) for p in test_p]
+    val_ids = torch.tensor(data.token_stream([val_docs], tok, tc.seed + 1))
+    S1 = tc.seq_len + 1
+    n_rows = min(len(val_ids) // S1, tc.val_batches * tc.batch_size)
+    val = val_ids[: n_rows * S1].view(n_rows, S1)
+    # agentic trajectories (chapter 5): synthesis -> judge; unseen tasks for SFT validation and for tool use
+    kept, syn_counts = data.synthesize(tc.sft_tasks, seed=tc.seed)
+    kept_val, _ = data.synthesize(tc.sft_val_tasks, seed=tc.seed + 1)
+    counts = {"pretraining tokens": len(stream), "knowledge epochs (rephrasings)": len(knowledge),
+              "rephrased chunks accepted / attempted": f"{reph.get('chunks', 0)} / {reph.get('attempts', 0)}",
+              "math problems train / test": f"{len(train_p)} / {len(test_p)}", "rounds": len(rounds),
+              "SFT trajectories kept / tasks": f"{syn_counts['kept']} / {syn_counts['tasks']}"}
+    return Corpora(tok, world, fmt, held_out, stream, val, test_p,
+                   [sft_example(k, tok, tc.sft_seq_len) for k in kept],
+                   [sft_example(k, tok, tc.sft_seq_len) for k in kept_val],
+                   data.make_tasks(tc.eval_tasks, seed=tc.seed + 2), counts)
+
+
+def pretrain_batch(c: Corpora, tc: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of the stream: a pure function of the step (resume needs nothing else)."""
+    n = tc.batch_size * tc.seq_len
+    chunk = c.stream[step * n: step * n + n + 1]
+    return chunk[:-1].view(tc.batch_size, tc.seq_len), chunk[1:].view(tc.batch_size, tc.seq_len)  # (B, S)
+
+
+def pad_batch(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), L), pad_id)
+    y = torch.full((len(examples), L), -100)
+    for i, (xi, yi) in enumerate(examples):
+        x[i, : len(xi)], y[i, : len(yi)] = xi, yi
+    return x, y  # (B, L)
+
+
+def sft_batch(c: Corpora, tc: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of SFT: conversations in a per-epoch permutation seeded by (seed, epoch)."""
+    n, picks = len(c.sft), []
+    for k in range(step * tc.sft_batch_size, (step + 1) * tc.sft_batch_size):
+        order = list(range(n))
+        random.Random(tc.seed * 100_003 + k // n).shuffle(order)
+        picks.append(c.sft[order[k % n]])
+    return pad_batch(picks, c.tok.pad_id)
+
+
+# ---- evaluation on held-out data ----
+
+@torch.no_grad()
+def mean_loss(model, batches) -> float:
+    total, n = 0.0, 0
+    for x, y in batches:
+        out = model(x, y)
+        k = int((y != -100).sum())
+        total += float(out.loss - out.aux_loss) * k  # the language-model part only
+        n += k
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def math_accuracy(model, c: Corpora, max_new_tokens: int) -> float:
+    """Greedy worked solution after "Solution:"; right when its "Answer: N" is the true answer."""
+    tok, by_len = c.tok, {}
+    for p in c.math_test:  # batch prompts of equal length (generate takes equal-length prompts)
+        ids = [tok.bos_id] + tok.encode(p.question + "\nSolution:")
+        by_len.setdefault(len(ids), []).append((ids, p.answer))
+    correct = 0
+    for items in by_len.values():
+        out = model.generate(torch.tensor([i for i, _ in items]), max_new_tokens, temperature=0,
+                             stop_tokens=(tok.eos_id,), pad_token_id=tok.pad_id)
+        for row, (ids, answer) in zip(out.tolist(), items):
+            m = re.search(r"Answer:\s*(-?\d+)", tok.decode(row[len(ids):], skip_special=True))
+            correct += bool(m) and int(m.group(1)) == answer
+    return correct / max(len(c.math_test), 1)
+
+
+@torch.no_grad()
+def tool_episode(model, task, tok: data.Tokenizer, max_new_tokens: int, max_turns: int) -> tuple[bool, list]:
+    """The model is the agent: greedy turns against chapter 5's user simulator and tools; the judge decides."""
+    runtime = data.ToolRuntime(data.AGENTS[task.agent][1], task.world, task.failures)
+    user = data.UserSimulator(task)
+    messages = [compact_system(task.agent), {"role": "user", "content": user.opening()}]
+    for _ in range(max_turns):
+        ids, _ = data.render_chat(messages, tok, add_generation_prompt=True)
+        out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=0, stop_tokens=(tok.end_id, tok.eos_id))
+        text = tok.decode([t for t in out[0, len(ids):].tolist() if t not in (tok.end_id, tok.eos_id)])
+        calls = data.parse_tool_calls(text)
+        content = tok.decode(tok.encode(text.split("<|tool_call|>")[0], allow_special=True), skip_special=True)
+        messages.append({"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})})
+        if calls:
+            for call in calls:
+                messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                                 "content": runtime.execute(call)})
+            continue
+        reply = user.reply(content)
+        if reply is None:
+            break
+        messages.append({"role": "user", "content": reply})
+    return not data.judge(task, messages, runtime), messages
+
+
+def evaluate(model, c: Corpora, tc: TrainConfig) -> dict:
+    model.eval()
+    muonclip.set_record_s_max(model, False)  # recording costs a logits pass per layer; not needed here
+    B = tc.batch_size
+    val = [(c.val[i: i + B, :-1], c.val[i: i + B, 1:]) for i in range(0, len(c.val), B)]
+    sft_val = [pad_batch(c.sft_val[i: i + tc.sft_batch_size], c.tok.pad_id)
+               for i in range(0, len(c.sft_val), tc.sft_batch_size)]
+    tools = [tool_episode(model, t, c.tok, tc.max_new_tokens, tc.max_turns)[0] for t in c.eval_tasks]
+    res = {"val_loss": mean_loss(model, val), "sft_val_loss": mean_loss(model, sft_val),
+           "qa_held_out": data.qa_accuracy(model, c.world, c.held_out, c.tok),
+           "qa_format": data.qa_accuracy(model, c.world, c.fmt, c.tok),
+           "math": math_accuracy(model, c, tc.max_new_tokens), "tool_success": sum(tools) / max(len(tools), 1)}
+    muonclip.set_record_s_max(model, True)
+    model.train()
+    return res
+
+
+EVAL_ROWS = (("val_loss", "validation loss (raw bios, unseen math)", "{:.3f}"),
+             ("sft_val_loss", "SFT loss, unseen trajectories (assistant tokens)", "{:.3f}"),
+             ("qa_held_out", "knowledge QA, held-out people (chance 12.5%)", "{:.1%}"),
+             ("qa_format", "knowledge QA, people with QA in training", "{:.1%}"),
+             ("math", "math accuracy, unseen problems", "{:.1%}"),
+             ("tool_success", "tool-use task success, unseen tasks", "{:.1%}"),
+             ("critic_acc", "critic pairwise accuracy", "{:.1%}"))
+
+
+# ---- checkpoints and the run directory ----
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupted, truncated, or written by a different run."""
+
+
+def atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """The full state, atomically; a small last.json beside it says where the run stands (for people, tests)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    where = json.dumps({"stage": state["stage"], "step": state["step"], "finished": list(state["results"])})
+    atomic_write(os.path.splitext(path)[0] + ".json", lambda tmp: open(tmp, "w").write(where))
+
+
+def load_checkpoint(path: str, tc: TrainConfig) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint (the run never reached its first one)") from None
+    except Exception as e:  # truncated zip, bad pickle, unexpected types
+        raise CheckpointError(f"{path} is corrupted or truncated ({type(e).__name__}: {str(e)[:120]}); "
+                              "delete it to restart the stage, or start over with --overwrite") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path}: not a train.py checkpoint of format {CKPT_FORMAT}")
+    old, new = dict(state["config"]), dataclasses.asdict(tc)
+    if new["stages"][: len(old["stages"])] == old["stages"]:  # a run may be extended by later stages
+        old["stages"] = new["stages"]
+    if old != new:
+        diff = sorted(k for k in old if old[k] != new.get(k))
+        raise CheckpointError(f"{path} was written by a run with a different config (differs in: {', '.join(diff)})")
+    return state
+
+
+def load_model_state(model, sd: dict, path: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0][:160]})") from None
+
+
+class Run:
+    """The run directory: config.json, metrics.jsonl, ckpt/, figures/. Only this object writes files."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.ckpt_path = os.path.join(out, "ckpt", "last.pt")
+        self.lines = 0
+
+    def start(self, tc: TrainConfig, resume: bool) -> None:
+        os.makedirs(os.path.join(self.out, "ckpt"), exist_ok=True)
+        text = json.dumps(dataclasses.asdict(tc), indent=1)
+        atomic_write(os.path.join(self.out, "config.json"), lambda tmp: open(tmp, "w").write(text))
+        if not resume:
+            open(self.metrics_path, "w").close()
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+    def truncate_metrics(self, n_lines: int) -> None:
+        """Back to the checkpoint's view of metrics.jsonl (lines logged after it are logged again)."""
+        with open(self.metrics_path) as f:
+            lines = f.readlines()[:n_lines]
+        if len(lines) < n_lines:
+            raise CheckpointError(f"{self.metrics_path} has {len(lines)} lines, the checkpoint expects {n_lines}")
+        atomic_write(self.metrics_path, lambda tmp: open(tmp, "w").writelines(lines))
+        self.lines = n_lines
+
+    def records(self) -> list[dict]:
+        with open(self.metrics_path) as f:
+            return [json.loads(line) for line in f]
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+
+
+# ---- training: one stage of steps, the same loop for pretraining and SFT ----
+
+def stage_optimizer(model, tc: TrainConfig, stage: str):
+    lr, adamw_lr = (tc.lr, tc.adamw_lr) if stage == "pretrain" else (tc.sft_lr, tc.sft_adamw_lr)
+    return muonclip.MuonClip(model, lr=lr, adamw_lr=adamw_lr, weight_decay=tc.weight_decay,
+                             adamw_weight_decay=tc.weight_decay, tau=tc.tau)
+
+
+def train_stage(stage: str, model, opt, batch_fn, steps: int, start: int, tc: TrainConfig, run: Run, state: dict,
+                progress) -> None:
+    """steps of: forward (S_max recorded) -> backward -> MuonClip step (QK-Clip inside) -> router bias update."""
+    cfg = model.cfg
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    task = progress.add_task(stage, total=steps, completed=start, info="")
+    for step in range(start, steps):
+        for g in opt.param_groups:  # chapter 3's schedule: linear warmup, cosine to 10%
+            g["lr"] = g["initial_lr"] * muonclip.lr_factor(step, steps, warmup=max(1, steps // 20))
+        x, y = batch_fn(step)
+        out = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        loss, aux = float(out.loss.detach() - out.aux_loss.detach()), float(out.aux_loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()  # Muon + AdamW, then QK-Clip on the S_max of this forward (K2 Algorithm 1)
+        mla.update_router_biases_(model, out.expert_load, cfg.bias_update_speed)  # aux-loss-free balance (ch. 1)
+        vio = [moe_lib.load_balance_stats(load)["max_vio"] for load in out.expert_load]
+        clip = opt.clip_stats
+        rec = {"stage": stage, "step": step + 1, "loss": loss, "aux_loss": aux,
+               "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], "s_max": clip["max_s_max"],
+               "clipped_heads": clip["n_clipped"], "max_vio": sum(vio) / len(vio), "max_vio_worst": max(vio),
+               "tokens": int((y != -100).sum())}
+        run.log(rec)
+        progress.update(task, advance=1, info=f"loss {rec['loss']:.3f}  S_max {rec['s_max']:.1f}  "
+                                              f"clipped {rec['clipped_heads']}  MaxVio {rec['max_vio']:.2f}")
+        if (step + 1) % tc.ckpt_every == 0 and step + 1 < steps:
+            state.update(step=step + 1, model=model.state_dict(), optim=opt.state_dict(), rng=rng_state(),
+                         metrics_lines=run.lines)
+            save_checkpoint(run.ckpt_path, state)
+
+
+# ---- export: a transformers-loadable directory ----
+
+def export_hf(model, out_dir: str, tok: data.Tokenizer) -> None:
+    """config.json (DeepseekV3 architecture) + model.safetensors under transformers' parameter names."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    conf = {**model.cfg.to_hf(), "torch_dtype": "float32", "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+            "pad_token_id": tok.pad_id}
+    sd = {k: v.detach().contiguous() for k, v in mla.to_hf_state_dict(model).items()}
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, "config.json"), lambda tmp: open(tmp, "w").write(json.dumps(conf, indent=1)))
+
+
+# ---- figures ----
+
+def write_figures(records: list[dict], out_dir: str, tau: float) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r]
+    if not steps:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    x = list(range(1, len(steps) + 1))
+    bounds = [i + 1 for i in range(1, len(steps)) if steps[i]["stage"] != steps[i - 1]["stage"]]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    panels = (("loss", "train loss (assistant tokens in SFT)", None), ("s_max", "max attention logit S_max", tau),
+              ("max_vio", "MaxVio (mean over MoE layers)", None))
+    for ax, (key, title, line) in zip(axes, panels):
+        ax.plot(x, [r[key] for r in steps], lw=1)
+        if line:
+            ax.axhline(line, color="gray", ls=":", lw=1, label=f"tau = {line:g}")
+            ax.legend()
+        for b in bounds:
+            ax.axvline(b, color="k", lw=0.6, alpha=0.4)
+        ax.set(xlabel="step (all stages)", title=title)
+    fig.tight_layout()
+    paths = [os.path.join(out_dir, "train_curves.png")]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    rewards = [r for r in records if "reward" in r]
+    if rewards:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["step"] for r in rewards], [r["reward"] for r in rewards])
+        ax.set(xlabel="RL step", ylabel="mean reward", title="RL rewards")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "train_rewards.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ---- the recipe ----
+
+def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | None = None, console=None) -> dict:
+    """Run (or continue) the recipe in `out`; returns {stage: evaluation} for every finished stage."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    torch.set_num_threads(tc.threads)
+    t0 = time.perf_counter()
+    run = Run(out)
+    cfg = mla.ModelConfig.from_hf(tc.model)
+    state = {"format": CKPT_FORMAT, "config": dataclasses.asdict(tc), "stage": tc.stages[0], "step": 0,
+             "results": {}}
+    torch.manual_seed(tc.seed)
+    model = mla.Transformer(cfg)
+    if resume:
+        state = load_checkpoint(run.ckpt_path, tc)
+        load_model_state(model, state["model"], run.ckpt_path)
+        run.truncate_metrics(state["metrics_lines"])
+        console.print(f"resuming {out}: stage {state['stage']}, step {state['step']}, "
+                      f"finished: {', '.join(state['results']) or 'none'}")
+    run.start(tc, resume)
+    total, active = mla.count_params(cfg)
+    console.print(f"model: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M activated per token; "
+                  f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; stages {','.join(tc.stages)}; "
+                  f"{tc.threads} thread(s); run directory {out}")
+    todo = [s for s in tc.stages if s not in state["results"]]
+    if todo:
+        with console.status("building chapter 5's corpora (rephrasing, math notes, agentic synthesis + judge)"):
+            corp = build_corpora(tc)
+        console.print("data: " + "; ".join(f"{k} {v}" for k, v in corp.counts.items()))
+    batch_fns = {"pretrain": lambda s: pretrain_batch(corp, tc, s), "sft": lambda s: sft_batch(corp, tc, s)}
+    steps = {"pretrain": tc.pretrain_steps, "sft": tc.sft_steps}
+    columns = (TextColumn("{task.description:8s}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console) as progress:
+        for stage in todo:
+            opt = stage_optimizer(model, tc, stage)
+            start = 0
+            if resume and state["stage"] == stage and state.get("optim") is not None:
+                opt.load_state_dict(state["optim"])
+                set_rng_state(state["rng"])
+                start = state["step"]
+            state.update(stage=stage, optim=None)
+            train_stage(stage, model, opt, batch_fns[stage], steps[stage], start, tc, run, state, progress)
+            res = evaluate(model, corp, tc)
+            run.log({"stage": stage, "eval": res})
+            state["results"][stage] = res
+            state.update(step=steps[stage], model=model.state_dict(), optim=None, rng=rng_state(),
+                         metrics_lines=run.lines)
+            save_checkpoint(run.ckpt_path, state)
+            atomic_write(os.path.join(out, "ckpt", f"{stage}.pt"), lambda tmp: torch.save(model.state_dict(), tmp))
+            console.print(f"{stage} done: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    print_results(console, state["results"], time.perf_counter() - t0)
+    figs = write_figures(run.records(), os.path.join(out, "figures"), tc.tau)
+    if figs:
+        console.print("figures: " + ", ".join(figs))
+    if export_dir:
+        export_hf(model, export_dir, data.Tokenizer())
+        console.print(f"exported the model to {export_dir} (AutoModelForCausalLM.from_pretrained)")
+    return state["results"]
+
+
+def print_results(console, results: dict, seconds: float) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Kimi K2 recipe in miniature: held-out evaluation after each stage ({seconds:.0f} s)")
+    t.add_column("metric")
+    for stage in results:
+        t.add_column(f"after {stage}", justify="right")
+    for key, label, fmt in EVAL_ROWS:
+        if any(key in r for r in results.values()):
+            t.add_row(label, *(fmt.format(r[key]) if key in r else "-" for r in results.values()))
+    console.print(t)
+
+
+# ---- command line ----
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--stages", default=",".join(d.stages), help=f"comma-separated subset of {','.join(STAGES)}, in order")
+    p.add_argument("--preset", choices=("tiny", "kimi-k2", "deepseek-v3"), default="tiny", help="model architecture")
+    p.add_argument("--config", type=cli.in_file, help="a DeepseekV3-family config.json instead of --preset")
+    p.add_argument("--override", type=cli.key_value, nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config.json keys to change, e.g. num_hidden_layers=2 hidden_size=128")
+    p.add_argument("--seed", type=cli.nonneg_int, default=d.seed, help="seed of the data, init and evaluation")
+    p.add_argument("--threads", type=cli.positive_int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="micro sizes and step counts (a smoke run, seconds)")
+    p.add_argument("--pretrain-steps", type=cli.positive_int, help=f"pretraining steps [{d.pretrain_steps}]")
+    p.add_argument("--sft-steps", type=cli.positive_int, help=f"SFT steps [{d.sft_steps}]")
+    p.add_argument("--batch-size", type=cli.positive_int, help=f"pretraining sequences per step [{d.batch_size}]")
+    p.add_argument("--seq-len", type=cli.positive_int, help=f"pretraining tokens per sequence [{d.seq_len}]")
+    p.add_argument("--tau", type=cli.positive_float, help=f"QK-Clip threshold [{d.tau:g}]")
+    p.add_argument("--ckpt-every", type=cli.positive_int, help=f"steps between checkpoints [{d.ckpt_every}]")
+    p.add_argument("--out", type=cli.out_dir, help="run directory [runs/<date>-<time>]")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--export-hf", type=cli.out_dir, metavar="DIR",
+                   help="write the final model as a transformers directory (config.json + model.safetensors)")
+    return p
+
+
+TUNABLE = ("pretrain_steps", "sft_steps", "batch_size", "seq_len", "tau", "ckpt_every")
+
+
+def config_from_args(p: argparse.ArgumentParser, args) -> TrainConfig:
+    base = dataclasses.asdict(TrainConfig())
+    quick = quick_config() if args.quick else {}
+    base.update({k: v for k, v in quick.items() if k != "model"})
+    base.update({k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None})
+    base.update(seed=args.seed, threads=args.threads, stages=[s.strip() for s in args.stages.split(",")])
+    try:
+        model = resolve_model(args.preset, args.config, {**quick.get("model", {}), **dict(args.override)},
+                              data.Tokenizer().vocab_size)
+    except ValueError as e:  # from_hf names the offending config.json key
+        flag = "--override" if args.override else "--config" if args.config else "--preset"
+        p.error(f"argument {flag}: {str(e).removeprefix('from_hf: ')}")
+    base["model"] = {**model.to_hf(), "bias_update_speed": model.bias_update_speed}
+    tc = TrainConfig(**base)
+    try:
+        tc.validate()
+    except ValueError as e:
+        cli.flag_error(p, e, {"stages": "--stages", "math_test": "--quick"})
+    return tc
+
+
+def check_fits(p: argparse.ArgumentParser, tc: TrainConfig) -> None:
+    """A model that cannot fit this machine is refused before anything is built (e.g. --preset kimi-k2 on CPU)."""
+    total, _ = mla.count_params(mla.ModelConfig.from_hf(tc.model))
+    need = total * 16  # fp32 weights + gradients + two optimizer moments
+    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > avail / 2:
+        p.error(f"the model has {total / 1e9:.2f}B parameters and needs ~{need / 2**30:.0f} GiB to train, this "
+                f"machine has {avail / 2**30:.0f} GiB: shrink it with --override (e.g. num_hidden_layers=2 "
+                "hidden_size=128 n_routed_experts=16) or run it on a cluster")
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if args.config and args.preset != "tiny":
+        p.error("--config and --preset exclude each other: the config file defines the architecture")
+    if args.resume and not args.out:
+        p.error("--resume needs --out (the run directory to continue)")
+    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    tc = config_from_args(p, args)
+    exists = os.path.isdir(out) and bool(os.listdir(out))
+    if args.resume:
+        stored = os.path.join(out, "config.json")
+        if not os.path.isfile(stored):
+            p.error(f"--resume: {out} holds no run (no config.json)")
+        with open(stored) as f:
+            old = json.load(f)
+        explicit = explicit_keys(p, argv)
+        new = dataclasses.asdict(tc)
+        clash = sorted(k for k in new if k in explicit and old.get(k) != new[k] and not
+                       (k == "stages" and new[k][: len(old.get(k, []))] == old.get(k)))
+        if clash:
+            p.error(f"--resume: {', '.join(clash)} differ from the run's config.json; drop those flags to continue it")
+        stages = new["stages"] if "stages" in explicit else old["stages"]
+        tc = TrainConfig(**{**old, "stages": stages})
+    elif exists and not args.overwrite:
+        p.error(f"--out {out} already holds a run: add --resume to continue it or --overwrite to replace it")
+    elif exists:
+        shutil.rmtree(out)
+    if args.resume and not args.export_hf:
+        where = os.path.join(out, "ckpt", "last.json")
+        if os.path.isfile(where) and set(tc.stages) <= set(json.load(open(where))["finished"]):
+            print(f"{out}: every stage ({','.join(tc.stages)}) is finished; nothing to do "
+                  "(add --export-hf DIR, or later stages with --stages)", file=sys.stderr)
+            return 2
+    check_fits(p, tc)
+    try:
+        train(tc, out, resume=args.resume, export_dir=args.export_hf)
+    except CheckpointError as e:
+        p.error(f"--resume: {e}")
+    return 0
+
+
+def explicit_keys(p: argparse.ArgumentParser, argv) -> set[str]:
+    """TrainConfig keys the user set on the command line (so --resume can tell a clash from a default)."""
+    defaults = [(a, a.default) for a in p._actions]
+    for a, _ in defaults:  # parse again with every default suppressed: what is left was typed
+        a.default = argparse.SUPPRESS
+    try:
+        given = set(vars(p.parse_args(argv)))
+    finally:
+        for a, d in defaults:
+            a.default = d
+    keys = {k for k in given if k in TUNABLE or k in ("seed", "threads", "stages")}
+    if given & {"quick", "preset", "config", "override"}:
+        keys.add("model")
+    return keys
+
+
+if __name__ == "__main__":
+    cli.run(main)
