@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import json
 import os
 import random
@@ -59,6 +58,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +69,7 @@ moe_lib = importlib.import_module("01_moe")
 mla = importlib.import_module("02_mla")
 muonclip = importlib.import_module("03_muonclip")
 data = importlib.import_module("05_data")
+rl = importlib.import_module("06_rl")
 
 STAGES = ("pretrain", "sft", "rl")
 CKPT_FORMAT = 1
@@ -80,11 +81,11 @@ CKPT_FORMAT = 1
 class TrainConfig:
     """Everything a run depends on; config.json in the run directory is this, resolved (model included)."""
 
-    stages: list = field(default_factory=lambda: ["pretrain", "sft"])
+    stages: list = field(default_factory=lambda: list(STAGES))
     seed: int = 0
     threads: int = 1
     model: dict = field(default_factory=dict)  # config.json keys of chapter 2's ModelConfig (HF names)
-    # data (chapter 5)
+    # data (chapter 5; the RL splits come from chapter 6)
     entities: int = 64  # people in the knowledge world (half get QA lines in training, half are held out)
     attributes: int = 1  # facts per person (1 = hometown, one of 8 cities)
     rephrasings: int = 4  # N rephrasings of every biography (K2 Table 1's best arm: N rephrasings x 1 epoch each)
@@ -93,25 +94,39 @@ class TrainConfig:
     math_per_round: int = 16  # problems (solution + learning note) interleaved with each knowledge epoch
     sft_tasks: int = 280  # tasks given to chapter 5's synthesis (judge-filtered trajectories are kept)
     sft_val_tasks: int = 28
-    eval_tasks: int = 14  # held-out tool-use tasks the model plays after every stage (2 per task kind)
+    eval_tasks: int = 14  # held-out tool-use tasks of all 7 kinds, played after every stage
+    max_operand: int = 20  # chapter 6's sums a + b: SFT / RL / held-out splits
+    rl_tool_tasks: int = 24  # chapter 6's unit and date tasks per split (SFT / RL / held-out)
     # pretraining
-    pretrain_steps: int = 200
+    pretrain_steps: int = 150
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 2e-2  # Muon's lr (hidden matrices)
     adamw_lr: float = 3e-3  # embeddings, head, norms
     weight_decay: float = 0.1
     tau: float = 30.0  # QK-Clip threshold (K2: 100; the tiny model's logits are smaller)
-    # SFT
-    sft_steps: int = 60
-    sft_batch_size: int = 8
+    # SFT: every step = one batch of agentic trajectories + one batch of short math chats
+    sft_steps: int = 150
+    sft_batch_size: int = 4
+    sft_short_batch_size: int = 16
     sft_seq_len: int = 768
-    sft_lr: float = 1e-2
-    sft_adamw_lr: float = 1.5e-3
+    sft_lr: float = 3e-3
+    sft_adamw_lr: float = 1e-3
+    # RL (chapter 6: k1.5 loss, budget control, PTX, temperature decay, self-critic closed loop)
+    rl_steps: int = 20
+    rl_prompts: int = 6  # per step, of which rl_tool_prompts are tool tasks and the rest sums
+    rl_tool_prompts: int = 2
+    rl_group: int = 4  # K samples per prompt
+    rl_lr: float = 1e-3
+    rl_tau: float = 0.1
+    ptx_weight: float = 0.1
+    critic_weight: float = 0.1
+    t_start: float = 1.2
+    t_end: float = 0.7
+    critic_prompts: int = 24  # held-out prompts whose rollouts give the critic's evaluation pairs
     # evaluation
     val_batches: int = 4
-    max_new_tokens: int = 160  # per assistant turn
-    max_turns: int = 6
+    max_new_tokens: int = 96  # completion-format math
     # bookkeeping
     ckpt_every: int = 25
 
@@ -119,12 +134,12 @@ class TrainConfig:
         for s in self.stages:
             if s not in STAGES:
                 raise ValueError(f"stages: {s!r} is not one of {STAGES}")
-        if "rl" in self.stages and importlib.util.find_spec("06_rl") is None:
-            raise ValueError("stages: rl needs 06_rl.py, which is not in this checkout (use --stages pretrain,sft)")
         if list(self.stages) != sorted(set(self.stages), key=STAGES.index):
             raise ValueError(f"stages: {','.join(self.stages)} must be distinct and in the order {','.join(STAGES)}")
         if not self.stages:
             raise ValueError("stages: empty, nothing to do")
+        if self.rl_tool_prompts > self.rl_prompts:
+            raise ValueError(f"rl_tool_prompts={self.rl_tool_prompts} is more than rl_prompts={self.rl_prompts}")
         if self.math_test >= self.math_problems:
             raise ValueError(f"math_test={self.math_test} must be smaller than math_problems={self.math_problems}")
 
@@ -132,8 +147,10 @@ class TrainConfig:
 def quick_config() -> dict:
     """--quick: a micro run (2 layers of width 64, 8 experts) through every stage, for tests and smoke runs."""
     return dict(entities=16, rephrasings=2, math_problems=80, math_test=6, math_per_round=6, sft_tasks=28,
-                sft_val_tasks=7, eval_tasks=7, pretrain_steps=12, batch_size=4, seq_len=128, sft_steps=6,
-                sft_batch_size=4, sft_seq_len=384, val_batches=1, max_new_tokens=40, max_turns=3, ckpt_every=2,
+                sft_val_tasks=7, eval_tasks=7, max_operand=6, rl_tool_tasks=4, pretrain_steps=12, batch_size=4,
+                seq_len=128, sft_steps=6, sft_batch_size=2, sft_short_batch_size=4, sft_seq_len=384, rl_steps=4,
+                rl_prompts=3, rl_tool_prompts=1, rl_group=2, critic_prompts=4, val_batches=1, max_new_tokens=40,
+                ckpt_every=2,
                 model=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32,
                            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                            intermediate_size=128, moe_intermediate_size=16, n_routed_experts=8,
@@ -167,26 +184,15 @@ class Corpora:
     held_out: list  # people whose knowledge is only in their biographies
     stream: torch.Tensor  # (n_tokens,) the pretraining stream
     val: torch.Tensor  # (n, seq_len + 1) held-out text: raw biographies, unseen math
-    math_test: list
-    sft: list  # [(ids, targets)] one conversation each, targets -100 off the assistant's tokens
+    math_test: list  # chapter 5 word problems never seen in training
+    sft: list  # [(ids, mask)] agentic trajectories, mask 1 on the assistant's tokens
+    sft_short: list  # [(ids, mask)] chapter 6's sums answered in chat
     sft_val: list
-    eval_tasks: list
+    rl_envs: list  # [(env, reset seed)] chapter 6's RL prompts: sums, then unit/date tool tasks
+    n_rl_sums: int
+    test_envs: list  # held-out sums and unit/date tasks
+    tool_envs: list  # held-out chapter 5 tasks of all 7 kinds
     counts: dict
-
-
-def compact_system(agent: str) -> dict:
-    """The agent's system prompt with its tools named, not spelled out as JSON schemas (seq length on CPU)."""
-    prompt, tools = data.AGENTS[agent]
-    return {"role": "system", "content": prompt + "\nTools: " + ", ".join(tools)}
-
-
-def sft_example(record: dict, tok: data.Tokenizer, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    msgs = [compact_system(record["meta"]["agent"])] + record["messages"][1:]
-    ids, mask = data.render_chat(msgs, tok)  # mask 1 exactly on what the assistant writes
-    ids, mask = ids[: max_len + 1], mask[: max_len + 1]
-    x = torch.tensor(ids[:-1])
-    y = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])  # loss on assistant tokens only
-    return x, y
 
 
 def build_corpora(tc: TrainConfig) -> Corpora:
@@ -221,43 +227,61 @@ def build_corpora(tc: TrainConfig) -> Corpora:
     S1 = tc.seq_len + 1
     n_rows = min(len(val_ids) // S1, tc.val_batches * tc.batch_size)
     val = val_ids[: n_rows * S1].view(n_rows, S1)
-    # agentic trajectories (chapter 5): synthesis -> judge; unseen tasks for SFT validation and for tool use
+    # agentic trajectories (chapter 5): synthesis -> judge, rendered with chapter 6's compact tool list
     kept, syn_counts = data.synthesize(tc.sft_tasks, seed=tc.seed)
     kept_val, _ = data.synthesize(tc.sft_val_tasks, seed=tc.seed + 1)
+    # chapter 6's RL material: sums and unit/date tasks in disjoint SFT / RL / held-out splits
+    sums_sft, sums_rl, sums_test = rl.split_sums(tc.max_operand, tc.seed)
+    tools_sft, tools_rl, tools_test = rl.split_tool_tasks(tc.rl_tool_tasks, tc.seed + 7)
+    sft = [chat_example(k, tok, tc.sft_seq_len) for k in kept] + rl.sft_examples(tok, [], tools_sft, tc.seed)
+    rl_envs = ([(rl.MathEnv(sums_rl), i) for i in range(len(sums_rl))]
+               + [(rl.ToolEnv(tools_rl), i) for i in range(len(tools_rl))])
+    test_envs = ([(rl.MathEnv(sums_test), i) for i in range(len(sums_test))]
+                 + [(rl.ToolEnv(tools_test), i) for i in range(len(tools_test))])
+    eval_tasks = data.make_tasks(tc.eval_tasks, seed=tc.seed + 2)
     counts = {"pretraining tokens": len(stream), "knowledge epochs (rephrasings)": len(knowledge),
               "rephrased chunks accepted / attempted": f"{reph.get('chunks', 0)} / {reph.get('attempts', 0)}",
-              "math problems train / test": f"{len(train_p)} / {len(test_p)}", "rounds": len(rounds),
-              "SFT trajectories kept / tasks": f"{syn_counts['kept']} / {syn_counts['tasks']}"}
-    return Corpora(tok, world, fmt, held_out, stream, val, test_p,
-                   [sft_example(k, tok, tc.sft_seq_len) for k in kept],
-                   [sft_example(k, tok, tc.sft_seq_len) for k in kept_val],
-                   data.make_tasks(tc.eval_tasks, seed=tc.seed + 2), counts)
+              "math problems train / test": f"{len(train_p)} / {len(test_p)}",
+              "SFT trajectories kept / tasks": f"{syn_counts['kept']} / {syn_counts['tasks']}",
+              "RL prompts sums / tools": f"{len(sums_rl)} / {len(tools_rl)}"}
+    return Corpora(tok, world, fmt, held_out, stream, val, test_p, sft, rl.sft_examples(tok, sums_sft, [], tc.seed),
+                   [chat_example(k, tok, tc.sft_seq_len) for k in kept_val], rl_envs, len(sums_rl), test_envs,
+                   [(rl.ToolEnv(eval_tasks), i) for i in range(len(eval_tasks))], counts)
 
 
-def pretrain_batch(c: Corpora, tc: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chat_example(record: dict, tok: data.Tokenizer, max_len: int) -> tuple[list, list]:
+    """A synthesized conversation as (ids, mask); the mask is 1 exactly on what the assistant writes."""
+    msgs = [rl.compact_system_message(record["meta"]["agent"])] + record["messages"][1:]
+    ids, mask = data.render_chat(msgs, tok)
+    return ids[: max_len + 1], mask[: max_len + 1]
+
+
+def targets(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and loss mask -> inputs (B, L-1) and next-token targets, -100 off the assistant's tokens."""
+    return ids[:, :-1], ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+
+
+def pretrain_batch(c: Corpora, tc: TrainConfig, step: int) -> list:
     """Batch `step` of the stream: a pure function of the step (resume needs nothing else)."""
     n = tc.batch_size * tc.seq_len
     chunk = c.stream[step * n: step * n + n + 1]
-    return chunk[:-1].view(tc.batch_size, tc.seq_len), chunk[1:].view(tc.batch_size, tc.seq_len)  # (B, S)
+    return [(chunk[:-1].view(tc.batch_size, tc.seq_len), chunk[1:].view(tc.batch_size, tc.seq_len))]  # (B, S)
 
 
-def pad_batch(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(x) for x, _ in examples)
-    x = torch.full((len(examples), L), pad_id)
-    y = torch.full((len(examples), L), -100)
-    for i, (xi, yi) in enumerate(examples):
-        x[i, : len(xi)], y[i, : len(yi)] = xi, yi
-    return x, y  # (B, L)
-
-
-def sft_batch(c: Corpora, tc: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `step` of SFT: conversations in a per-epoch permutation seeded by (seed, epoch)."""
-    n, picks = len(c.sft), []
-    for k in range(step * tc.sft_batch_size, (step + 1) * tc.sft_batch_size):
+def pick(examples: list, batch_size: int, step: int, seed: int) -> list:
+    """Batch `step` of an epoch-wise shuffled list: the permutation of epoch e is seeded by (seed, e)."""
+    n, out = len(examples), []
+    for k in range(step * batch_size, (step + 1) * batch_size):
         order = list(range(n))
-        random.Random(tc.seed * 100_003 + k // n).shuffle(order)
-        picks.append(c.sft[order[k % n]])
-    return pad_batch(picks, c.tok.pad_id)
+        random.Random(seed * 100_003 + k // n).shuffle(order)
+        out.append(examples[order[k % n]])
+    return out
+
+
+def sft_batch(c: Corpora, tc: TrainConfig, step: int) -> list:
+    """Two micro-batches (long trajectories, short chats: padding a sum to a trajectory's length is waste)."""
+    return [targets(*rl.batch_of(pick(c.sft, tc.sft_batch_size, step, tc.seed), c.tok.pad_id)),
+            targets(*rl.batch_of(pick(c.sft_short, tc.sft_short_batch_size, step, tc.seed + 1), c.tok.pad_id))]
 
 
 # ---- evaluation on held-out data ----
@@ -275,7 +299,7 @@ def mean_loss(model, batches) -> float:
 
 @torch.no_grad()
 def math_accuracy(model, c: Corpora, max_new_tokens: int) -> float:
-    """Greedy worked solution after "Solution:"; right when its "Answer: N" is the true answer."""
+    """Completion format (what pretraining saw): greedy worked solution after "Solution:", exact final answer."""
     tok, by_len = c.tok, {}
     for p in c.math_test:  # batch prompts of equal length (generate takes equal-length prompts)
         ids = [tok.bos_id] + tok.encode(p.question + "\nSolution:")
@@ -290,43 +314,22 @@ def math_accuracy(model, c: Corpora, max_new_tokens: int) -> float:
     return correct / max(len(c.math_test), 1)
 
 
-@torch.no_grad()
-def tool_episode(model, task, tok: data.Tokenizer, max_new_tokens: int, max_turns: int) -> tuple[bool, list]:
-    """The model is the agent: greedy turns against chapter 5's user simulator and tools; the judge decides."""
-    runtime = data.ToolRuntime(data.AGENTS[task.agent][1], task.world, task.failures)
-    user = data.UserSimulator(task)
-    messages = [compact_system(task.agent), {"role": "user", "content": user.opening()}]
-    for _ in range(max_turns):
-        ids, _ = data.render_chat(messages, tok, add_generation_prompt=True)
-        out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=0, stop_tokens=(tok.end_id, tok.eos_id))
-        text = tok.decode([t for t in out[0, len(ids):].tolist() if t not in (tok.end_id, tok.eos_id)])
-        calls = data.parse_tool_calls(text)
-        content = tok.decode(tok.encode(text.split("<|tool_call|>")[0], allow_special=True), skip_special=True)
-        messages.append({"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})})
-        if calls:
-            for call in calls:
-                messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
-                                 "content": runtime.execute(call)})
-            continue
-        reply = user.reply(content)
-        if reply is None:
-            break
-        messages.append({"role": "user", "content": reply})
-    return not data.judge(task, messages, runtime), messages
-
-
-def evaluate(model, c: Corpora, tc: TrainConfig) -> dict:
+def evaluate(model, c: Corpora, tc: TrainConfig, critic_pairs: list | None) -> dict:
+    """Every held-out number, the same after every stage; rollouts are greedy (chapter 6's evaluate)."""
     model.eval()
     muonclip.set_record_s_max(model, False)  # recording costs a logits pass per layer; not needed here
     B = tc.batch_size
     val = [(c.val[i: i + B, :-1], c.val[i: i + B, 1:]) for i in range(0, len(c.val), B)]
-    sft_val = [pad_batch(c.sft_val[i: i + tc.sft_batch_size], c.tok.pad_id)
+    sft_val = [targets(*rl.batch_of(c.sft_val[i: i + tc.sft_batch_size], c.tok.pad_id))
                for i in range(0, len(c.sft_val), tc.sft_batch_size)]
-    tools = [tool_episode(model, t, c.tok, tc.max_new_tokens, tc.max_turns)[0] for t in c.eval_tasks]
+    env = rl.evaluate(model, c.test_envs, c.tok)  # held-out sums ("math") and unit/date tasks ("tool")
     res = {"val_loss": mean_loss(model, val), "sft_val_loss": mean_loss(model, sft_val),
            "qa_held_out": data.qa_accuracy(model, c.world, c.held_out, c.tok),
            "qa_format": data.qa_accuracy(model, c.world, c.fmt, c.tok),
-           "math": math_accuracy(model, c, tc.max_new_tokens), "tool_success": sum(tools) / max(len(tools), 1)}
+           "math": math_accuracy(model, c, tc.max_new_tokens), "sums": env.get("math", 0.0),
+           "tool_units_dates": env.get("tool", 0.0), "tool_all_kinds": rl.evaluate(model, c.tool_envs, c.tok)["tool"]}
+    if critic_pairs:
+        res["critic_acc"] = rl.critic_accuracy(model, c.tok, critic_pairs)
     muonclip.set_record_s_max(model, True)
     model.train()
     return res
@@ -336,9 +339,11 @@ EVAL_ROWS = (("val_loss", "validation loss (raw bios, unseen math)", "{:.3f}"),
              ("sft_val_loss", "SFT loss, unseen trajectories (assistant tokens)", "{:.3f}"),
              ("qa_held_out", "knowledge QA, held-out people (chance 12.5%)", "{:.1%}"),
              ("qa_format", "knowledge QA, people with QA in training", "{:.1%}"),
-             ("math", "math accuracy, unseen problems", "{:.1%}"),
-             ("tool_success", "tool-use task success, unseen tasks", "{:.1%}"),
-             ("critic_acc", "critic pairwise accuracy", "{:.1%}"))
+             ("math", "math word problems, unseen (completion)", "{:.1%}"),
+             ("sums", "sums a + b, unseen (chat, chapter 6)", "{:.1%}"),
+             ("tool_units_dates", "tool use: unit/date tasks, unseen", "{:.1%}"),
+             ("tool_all_kinds", "tool use: all 7 task kinds, unseen", "{:.1%}"),
+             ("critic_acc", "self-critic pairwise accuracy, held-out pairs", "{:.1%}"))
 
 
 # ---- checkpoints and the run directory ----
@@ -430,45 +435,71 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
 
 
-# ---- training: one stage of steps, the same loop for pretraining and SFT ----
+# ---- training: pretraining and SFT share one loop; RL is chapter 6's step ----
 
 def stage_optimizer(model, tc: TrainConfig, stage: str):
-    lr, adamw_lr = (tc.lr, tc.adamw_lr) if stage == "pretrain" else (tc.sft_lr, tc.sft_adamw_lr)
-    return muonclip.MuonClip(model, lr=lr, adamw_lr=adamw_lr, weight_decay=tc.weight_decay,
-                             adamw_weight_decay=tc.weight_decay, tau=tc.tau)
-
-
-def train_stage(stage: str, model, opt, batch_fn, steps: int, start: int, tc: TrainConfig, run: Run, state: dict,
-                progress) -> None:
-    """steps of: forward (S_max recorded) -> backward -> MuonClip step (QK-Clip inside) -> router bias update."""
-    cfg = model.cfg
+    """MuonClip (chapter 3) for every stage, with the stage's learning rates."""
+    lr, adamw_lr, wd = {"pretrain": (tc.lr, tc.adamw_lr, tc.weight_decay), "sft": (tc.sft_lr, tc.sft_adamw_lr, 0.0),
+                        "rl": (tc.rl_lr, tc.rl_lr, 0.0)}[stage]
+    opt = muonclip.MuonClip(model, lr=lr, adamw_lr=adamw_lr, weight_decay=wd, adamw_weight_decay=wd, tau=tc.tau)
     for g in opt.param_groups:
-        g.setdefault("initial_lr", g["lr"])
-    task = progress.add_task(stage, total=steps, completed=start, info="")
-    for step in range(start, steps):
-        for g in opt.param_groups:  # chapter 3's schedule: linear warmup, cosine to 10%
-            g["lr"] = g["initial_lr"] * muonclip.lr_factor(step, steps, warmup=max(1, steps // 20))
-        x, y = batch_fn(step)
+        g["initial_lr"] = g["lr"]
+    return opt
+
+
+def checkpoint(run: Run, state: dict, model, opt, step: int) -> None:
+    state.update(step=step, model=model.state_dict(), optim=opt.state_dict() if opt else None, rng=rng_state(),
+                 metrics_lines=run.lines)
+    save_checkpoint(run.ckpt_path, state)
+
+
+def train_step(model, opt, batches: list, step: int, steps: int) -> dict:
+    """forward (S_max recorded) -> backward -> MuonClip step (QK-Clip inside) -> router bias update."""
+    for g in opt.param_groups:  # chapter 3's schedule: linear warmup, cosine to 10%
+        g["lr"] = g["initial_lr"] * muonclip.lr_factor(step, steps, warmup=max(1, steps // 20))
+    opt.zero_grad(set_to_none=True)
+    loss, aux, load, n_tok = 0.0, 0.0, 0, 0
+    for x, y in batches:  # micro-batches of one step: gradients add up, loads too
         out = model(x, y)
-        opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        loss, aux = float(out.loss.detach() - out.aux_loss.detach()), float(out.aux_loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()  # Muon + AdamW, then QK-Clip on the S_max of this forward (K2 Algorithm 1)
-        mla.update_router_biases_(model, out.expert_load, cfg.bias_update_speed)  # aux-loss-free balance (ch. 1)
-        vio = [moe_lib.load_balance_stats(load)["max_vio"] for load in out.expert_load]
-        clip = opt.clip_stats
-        rec = {"stage": stage, "step": step + 1, "loss": loss, "aux_loss": aux,
-               "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], "s_max": clip["max_s_max"],
-               "clipped_heads": clip["n_clipped"], "max_vio": sum(vio) / len(vio), "max_vio_worst": max(vio),
-               "tokens": int((y != -100).sum())}
-        run.log(rec)
-        progress.update(task, advance=1, info=f"loss {rec['loss']:.3f}  S_max {rec['s_max']:.1f}  "
-                                              f"clipped {rec['clipped_heads']}  MaxVio {rec['max_vio']:.2f}")
-        if (step + 1) % tc.ckpt_every == 0 and step + 1 < steps:
-            state.update(step=step + 1, model=model.state_dict(), optim=opt.state_dict(), rng=rng_state(),
-                         metrics_lines=run.lines)
-            save_checkpoint(run.ckpt_path, state)
+        loss, aux = loss + float(out.loss.detach() - out.aux_loss.detach()), aux + float(out.aux_loss.detach())
+        load, n_tok = load + out.expert_load, n_tok + int((y != -100).sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()  # Muon + AdamW, then QK-Clip on the step's S_max (K2 Algorithm 1)
+    mla.update_router_biases_(model, load, model.cfg.bias_update_speed)  # aux-loss-free balance (chapter 1)
+    vio = [moe_lib.load_balance_stats(layer_load)["max_vio"] for layer_load in load]
+    clip = opt.clip_stats
+    return {"loss": loss, "aux_loss": aux, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+            "s_max": clip["max_s_max"], "clipped_heads": clip["n_clipped"], "max_vio": sum(vio) / len(vio),
+            "max_vio_worst": max(vio), "tokens": n_tok}
+
+
+def rl_step(model, opt, c: Corpora, tc: TrainConfig, engine, step: int) -> dict:
+    """One K2 RL step (chapter 6): weights to the rollout side, K samples per prompt, the k1.5 loss + PTX + critic.
+
+    The prompts, the temperature and the sampling seed are functions of the step, so resume replays them.
+    """
+    rng = random.Random(tc.seed * 100_003 + step)
+    sums, tools = c.rl_envs[: c.n_rl_sums], c.rl_envs[c.n_rl_sums:]
+    prompts = rng.sample(sums, tc.rl_prompts - tc.rl_tool_prompts) + rng.sample(tools, tc.rl_tool_prompts)
+    temperature = rl.temperature_schedule(step, tc.rl_steps, tc.t_start, tc.t_end)
+    sync = engine.update()  # single process: the rollout side shares these weights; the version advances
+    muonclip.set_record_s_max(model, False)
+    rollouts = rl.collect_rollouts(model, prompts, c.tok, group_size=tc.rl_group, temperature=temperature,
+                                   seed=tc.seed * 100_003 + step)
+    muonclip.set_record_s_max(model, True)
+    pairs = rl.critic_pairs(rollouts, tc.rl_group)  # the closed loop: verifiable pairs train the critic
+    ptx = rl.batch_of(pick(c.sft_short, tc.sft_short_batch_size, step, tc.seed + 2), c.tok.pad_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the share of all-equal groups is logged instead
+        m = rl.rl_step(model, opt, rollouts, group_size=tc.rl_group, tau=tc.rl_tau, pad_id=c.tok.pad_id, ptx=ptx,
+                       ptx_weight=tc.ptx_weight, critic_weight=tc.critic_weight,
+                       critic_batch=rl.critic_batch(c.tok, pairs[: tc.sft_short_batch_size]) if pairs else None)
+    clip = opt.clip_stats
+    return {"reward": m["reward_mean"], "all_equal_groups": m["all_equal_groups"], "logprob_gap": m["logprob_gap"],
+            "response_len": m["response_len"], "truncated": m["truncated"], "policy_loss": m["policy_loss"],
+            "temperature": temperature, "weights_version": sync["version"], "s_max": clip["max_s_max"],
+            "clipped_heads": clip["n_clipped"]}
 
 
 # ---- export: a transformers-loadable directory ----
@@ -539,9 +570,9 @@ def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | Non
     run = Run(out)
     cfg = mla.ModelConfig.from_hf(tc.model)
     state = {"format": CKPT_FORMAT, "config": dataclasses.asdict(tc), "stage": tc.stages[0], "step": 0,
-             "results": {}}
+             "results": {}, "critic_pairs": []}
     torch.manual_seed(tc.seed)
-    model = mla.Transformer(cfg)
+    model = mla.Transformer(cfg)  # chapter 2: MLA + MoE (chapter 1)
     if resume:
         state = load_checkpoint(run.ckpt_path, tc)
         load_model_state(model, state["model"], run.ckpt_path)
@@ -558,26 +589,42 @@ def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | Non
         with console.status("building chapter 5's corpora (rephrasing, math notes, agentic synthesis + judge)"):
             corp = build_corpora(tc)
         console.print("data: " + "; ".join(f"{k} {v}" for k, v in corp.counts.items()))
-    batch_fns = {"pretrain": lambda s: pretrain_batch(corp, tc, s), "sft": lambda s: sft_batch(corp, tc, s)}
-    steps = {"pretrain": tc.pretrain_steps, "sft": tc.sft_steps}
+    steps = {"pretrain": tc.pretrain_steps, "sft": tc.sft_steps, "rl": tc.rl_steps}
     columns = (TextColumn("{task.description:8s}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console) as progress:
         for stage in todo:
-            opt = stage_optimizer(model, tc, stage)
-            start = 0
+            opt, start = stage_optimizer(model, tc, stage), 0
             if resume and state["stage"] == stage and state.get("optim") is not None:
-                opt.load_state_dict(state["optim"])
+                opt.load_state_dict(state["optim"])  # mid-stage: optimizer state, RNG, step (= data position)
                 set_rng_state(state["rng"])
                 start = state["step"]
-            state.update(stage=stage, optim=None)
-            train_stage(stage, model, opt, batch_fns[stage], steps[stage], start, tc, run, state, progress)
-            res = evaluate(model, corp, tc)
+            state.update(stage=stage)
+            engine = rl.CheckpointEngine().register(model.state_dict()) if stage == "rl" else None
+            task = progress.add_task(stage, total=steps[stage], completed=start, info="")
+            for step in range(start, steps[stage]):
+                if stage == "rl":
+                    rec = rl_step(model, opt, corp, tc, engine, step)
+                    info = (f"reward {rec['reward']:+.2f}  all-equal groups {rec['all_equal_groups']:.0%}  "
+                            f"T {rec['temperature']:.2f}")
+                else:
+                    batch = pretrain_batch(corp, tc, step) if stage == "pretrain" else sft_batch(corp, tc, step)
+                    rec = train_step(model, opt, batch, step, steps[stage])
+                    info = (f"loss {rec['loss']:.3f}  S_max {rec['s_max']:.1f}  clipped {rec['clipped_heads']}  "
+                            f"MaxVio {rec['max_vio']:.2f}")
+                run.log({"stage": stage, "step": step + 1, **rec})
+                progress.update(task, advance=1, info=info)
+                if (step + 1) % tc.ckpt_every == 0 and step + 1 < steps[stage]:
+                    checkpoint(run, state, model, opt, step + 1)
+            if stage == "sft" and "rl" in tc.stages:  # held-out critic pairs: the SFT model's differing rollouts
+                muonclip.set_record_s_max(model, False)
+                held = rl.collect_rollouts(model, corp.test_envs[: tc.critic_prompts], corp.tok, group_size=4,
+                                           temperature=1.0, seed=tc.seed + 1000)
+                state["critic_pairs"] = rl.critic_pairs(held, 4)
+            res = evaluate(model, corp, tc, state["critic_pairs"] if stage != "pretrain" else None)
             run.log({"stage": stage, "eval": res})
             state["results"][stage] = res
-            state.update(step=steps[stage], model=model.state_dict(), optim=None, rng=rng_state(),
-                         metrics_lines=run.lines)
-            save_checkpoint(run.ckpt_path, state)
+            checkpoint(run, state, model, None, steps[stage])
             atomic_write(os.path.join(out, "ckpt", f"{stage}.pt"), lambda tmp: torch.save(model.state_dict(), tmp))
             console.print(f"{stage} done: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     print_results(console, state["results"], time.perf_counter() - t0)
@@ -618,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="micro sizes and step counts (a smoke run, seconds)")
     p.add_argument("--pretrain-steps", type=cli.positive_int, help=f"pretraining steps [{d.pretrain_steps}]")
     p.add_argument("--sft-steps", type=cli.positive_int, help=f"SFT steps [{d.sft_steps}]")
+    p.add_argument("--rl-steps", type=cli.positive_int, help=f"RL steps [{d.rl_steps}]")
     p.add_argument("--batch-size", type=cli.positive_int, help=f"pretraining sequences per step [{d.batch_size}]")
     p.add_argument("--seq-len", type=cli.positive_int, help=f"pretraining tokens per sequence [{d.seq_len}]")
     p.add_argument("--tau", type=cli.positive_float, help=f"QK-Clip threshold [{d.tau:g}]")
@@ -630,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-TUNABLE = ("pretrain_steps", "sft_steps", "batch_size", "seq_len", "tau", "ckpt_every")
+TUNABLE = ("pretrain_steps", "sft_steps", "rl_steps", "batch_size", "seq_len", "tau", "ckpt_every")
 
 
 def config_from_args(p: argparse.ArgumentParser, args) -> TrainConfig:
