@@ -5,45 +5,55 @@ What it does
        MuonClip (chapter 3) on chapter 5's corpora: a fictional world's biographies, rephrased chunk-wise and
        fidelity-checked (N rephrasings x 1 epoch, K2 §2.2's best arm, with QA lines for half the people), and
        math word problems with worked solutions and their "learning note" rewrites.
-    2. SFT on chapter 5's synthesized agentic trajectories (judge-filtered), loss on assistant tokens only.
-    3. RL (chapter 6) when 06_rl.py is present.
-    After every stage, on held-out data: validation loss (raw biographies and unseen math), SFT loss on unseen
-    trajectories, knowledge QA accuracy (closed-book multiple choice on people whose QA never appears in
-    training, chance 1/8), math accuracy (greedy solution, exact final answer), tool-use task success (the model
-    plays the agent on unseen tasks against chapter 5's user simulator, tools and judge).
+    2. SFT (MuonClip again) on chapter 5's synthesized, judge-filtered agentic trajectories plus chapter 6's
+       short sums and unit/date tool chats; the loss is on the assistant's tokens only.
+    3. RL (chapter 6): K samples per prompt of sums and unit/date tool tasks, verifiable rewards with budget
+       control, the Kimi k1.5 loss + PTX loss + the self-critic's closed-loop loss, a decaying temperature,
+       weights handed to the rollout side through the checkpoint engine before every rollout.
+    After every stage, on held-out data: validation loss (raw biographies, unseen math), SFT loss on unseen
+    trajectories, knowledge QA (closed-book multiple choice on people whose QA never appears in training,
+    chance 1/8), math word problems (greedy completion, exact answer), unseen sums, tool-use success on unseen
+    unit/date tasks and on unseen tasks of all 7 kinds (the model is the agent against chapter 5's user
+    simulator, tools and judge), and the self-critic's pairwise accuracy on held-out pairs.
     Everything lands in a run directory: config.json (resolved), metrics.jsonl (one line per step and per
-    evaluation), checkpoints (atomic, loaded with weights_only=True; --resume continues bit for bit), figures.
+    evaluation), ckpt/ (last.pt + last.json to resume, <stage>.pt weights), figures/.
 
 Design choices
-    - No concept code here: every model, optimizer, data and reward piece is a call into a chapter; this file
-      only wires them, keeps the books (metrics, checkpoints) and checks its flags.
-    - Resume is exact on CPU: a batch is a pure function of (seed, stage, step), so the data position is the
-      step; a checkpoint holds model, optimizer, RNG states, the finished stages' results and how many
-      metrics.jsonl lines existed, and resuming truncates the file there. One torch thread by default: a CPU
-      reduction's last bits depend on the thread count (chapter 5), so resume refuses a different count.
-    - One optimizer object per stage (MuonClip: Muon for matrices, AdamW for embeddings/head/norms, QK-Clip
-      after each step); each stage has its own warmup + cosine schedule (chapter 3's lr_factor).
+    - No concept code here: every model, optimizer, data, reward and rollout piece is a call into a chapter;
+      this file wires them, keeps the books (metrics, checkpoints, figures) and checks its flags.
+    - Resume is exact on CPU: a batch, an RL step's prompts and its sampling seed are pure functions of
+      (seed, stage, step), so the data position is the step; a checkpoint holds model, optimizer, RNG
+      states, the finished stages' results and the number of metrics.jsonl lines, and resuming truncates
+      the file there. Checkpoints are written atomically and read with weights_only=True. One torch thread
+      by default: a CPU reduction's last bits depend on the thread count (chapter 5's finding).
+    - One MuonClip object per stage (Muon for matrices, AdamW for embeddings/head/norms, QK-Clip after each
+      step), each stage with its own warmup + cosine schedule (chapter 3's lr_factor).
     - The model config travels as config.json keys (HF DeepseekV3 names): `--preset`, `--config FILE` and
-      `--override key=value` all resolve through chapter 2's ModelConfig.from_hf, which rejects unknown keys.
-    - The tool schemas in the system prompt are shortened to tool names: full JSON schemas would be ~2,000
-      byte tokens per conversation, too long for a CPU run.
+      `--override key=value` all resolve through chapter 2's ModelConfig.from_hf, which rejects what it
+      would not honour; `--export-hf` writes the same keys plus safetensors weights.
+    - Tool schemas in the system prompt are chapter 6's one-line summaries: the full JSON schemas would be
+      ~2,000 byte tokens per conversation, too long for a CPU run.
 
 Simplified vs K2
-    - 15.5T tokens, a 1.04T model and a real tokenizer vs ~1M byte tokens, a ~1.7M-parameter tiny K2, 268 ids.
-    - One constant-shape curriculum instead of K2's staged data mixture and long-context activation; no WSD
-      schedule (warmup + cosine per stage); no MTP; fp32 on CPU.
-    - Tool use is evaluated on chapter 5's 7 task kinds with a scripted user, not on real benchmarks.
+    - 15.5T tokens, a 1.04T model, a 160k BPE vocabulary vs ~0.6M byte tokens, a 1.7M-parameter tiny K2, 268 ids.
+    - One curriculum instead of K2's staged data mixture and long-context activation; warmup + cosine, not
+      WSD; no MTP; fp32 on CPU; the router bias is updated in pretraining and SFT, not in RL.
+    - Single process: the rollout side shares the trainer's weights (colocated), so the checkpoint engine
+      only advances its version; K2 broadcasts 1T parameters to separate inference engines.
+    - Tool use is measured on chapter 5's scripted world, not on real benchmarks.
 
 References
-    Kimi K2 (arXiv 2507.20534): §2.1 MuonClip, §2.2 rephrasing, §2.3 architecture, §3.1 SFT + agentic data,
-    §3.2 RL. Moonlight (arXiv 2502.16982) for Muon's scaling; DeepSeek-V3 (arXiv 2412.19437) for the MoE/MLA.
+    Kimi K2 (arXiv 2507.20534): §2.1 MuonClip, §2.2 rephrasing, §2.3 architecture, §2.4.2 checkpoint engine,
+    §3.1 SFT and agentic data, §3.2 RL. Kimi k1.5 (arXiv 2501.12599) §2.3; Moonlight (arXiv 2502.16982);
+    DeepSeek-V3 (arXiv 2412.19437).
 
 Run:
     python train.py --help
-    python train.py                                   # the default recipe, about 7 minutes on 2 CPU cores
-    python train.py --quick --out runs/quick          # a micro run in well under a minute
-    python train.py --out runs/a --resume             # continue a killed run (same numbers, bit for bit)
-    python train.py --out runs/a --resume --export-hf hf/   # then: AutoModelForCausalLM.from_pretrained("hf/")
+    python train.py                                   # the default recipe (about 6 CPU-minutes, 1 thread)
+    python train.py --quick --out runs/quick          # a micro run through every stage (seconds of compute)
+    python train.py --out runs/a --resume             # continue a killed run: the same numbers, bit for bit
+    python train.py --out runs/a --resume --export-hf hf/   # then AutoModelForCausalLM.from_pretrained("hf/")
+    python train.py --config config.json --override num_hidden_layers=2 hidden_size=128 --stages pretrain
 """
 
 from __future__ import annotations
@@ -601,6 +611,8 @@ def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | Non
                 start = state["step"]
             state.update(stage=stage)
             engine = rl.CheckpointEngine().register(model.state_dict()) if stage == "rl" else None
+            if engine is not None:
+                engine.version = start  # one update per finished step, also across a resume
             task = progress.add_task(stage, total=steps[stage], completed=start, info="")
             for step in range(start, steps[stage]):
                 if stage == "rl":
@@ -658,19 +670,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(d.stages), help=f"comma-separated subset of {','.join(STAGES)}, in order")
     p.add_argument("--preset", choices=("tiny", "kimi-k2", "deepseek-v3"), default="tiny", help="model architecture")
     p.add_argument("--config", type=cli.in_file, help="a DeepseekV3-family config.json instead of --preset")
-    p.add_argument("--override", type=cli.key_value, nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--override", type=cli.key_value, nargs="+", metavar="KEY=VALUE",
                    help="config.json keys to change, e.g. num_hidden_layers=2 hidden_size=128")
     p.add_argument("--seed", type=cli.nonneg_int, default=d.seed, help="seed of the data, init and evaluation")
     p.add_argument("--threads", type=cli.positive_int, default=d.threads, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="micro sizes and step counts (a smoke run, seconds)")
-    p.add_argument("--pretrain-steps", type=cli.positive_int, help=f"pretraining steps [{d.pretrain_steps}]")
-    p.add_argument("--sft-steps", type=cli.positive_int, help=f"SFT steps [{d.sft_steps}]")
-    p.add_argument("--rl-steps", type=cli.positive_int, help=f"RL steps [{d.rl_steps}]")
-    p.add_argument("--batch-size", type=cli.positive_int, help=f"pretraining sequences per step [{d.batch_size}]")
-    p.add_argument("--seq-len", type=cli.positive_int, help=f"pretraining tokens per sequence [{d.seq_len}]")
-    p.add_argument("--tau", type=cli.positive_float, help=f"QK-Clip threshold [{d.tau:g}]")
-    p.add_argument("--ckpt-every", type=cli.positive_int, help=f"steps between checkpoints [{d.ckpt_every}]")
-    p.add_argument("--out", type=cli.out_dir, help="run directory [runs/<date>-<time>]")
+    q = quick_config()
+
+    def sizes(key: str, what: str) -> str:
+        return f"{what} ({getattr(d, key):g}; with --quick {q.get(key, getattr(d, key)):g})"
+
+    p.add_argument("--pretrain-steps", type=cli.positive_int, help=sizes("pretrain_steps", "pretraining steps"))
+    p.add_argument("--sft-steps", type=cli.positive_int, help=sizes("sft_steps", "SFT steps"))
+    p.add_argument("--rl-steps", type=cli.positive_int, help=sizes("rl_steps", "RL steps"))
+    p.add_argument("--batch-size", type=cli.positive_int, help=sizes("batch_size", "pretraining sequences per step"))
+    p.add_argument("--seq-len", type=cli.positive_int, help=sizes("seq_len", "pretraining tokens per sequence"))
+    p.add_argument("--tau", type=cli.positive_float, default=d.tau, help="QK-Clip threshold (K2: 100)")
+    p.add_argument("--ckpt-every", type=cli.positive_int, help=sizes("ckpt_every", "steps between checkpoints"))
+    p.add_argument("--out", type=cli.out_dir, help="run directory (a new runs/<date>-<time> when not given)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--export-hf", type=cli.out_dir, metavar="DIR",
@@ -688,7 +705,7 @@ def config_from_args(p: argparse.ArgumentParser, args) -> TrainConfig:
     base.update({k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None})
     base.update(seed=args.seed, threads=args.threads, stages=[s.strip() for s in args.stages.split(",")])
     try:
-        model = resolve_model(args.preset, args.config, {**quick.get("model", {}), **dict(args.override)},
+        model = resolve_model(args.preset, args.config, {**quick.get("model", {}), **dict(args.override or [])},
                               data.Tokenizer().vocab_size)
     except ValueError as e:  # from_hf names the offending config.json key
         flag = "--override" if args.override else "--config" if args.config else "--preset"

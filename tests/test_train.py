@@ -1,5 +1,6 @@
 """train.py: the whole recipe at micro size (--quick), exact resume after SIGKILL, HF export, flags, checkpoints."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -50,22 +51,28 @@ def weights(out, stage):
 @pytest.mark.slow
 def test_quick_pipeline_trains_evaluates_and_writes_the_run_directory(quick_run):
     recs = step_records(quick_run)
-    steps = [r for r in recs if "loss" in r]
+    steps = [r for r in recs if "step" in r]
     evals = {r["stage"]: r["eval"] for r in recs if "eval" in r}
-    assert [r["step"] for r in steps] == list(range(1, 31)) + list(range(1, 7))
-    assert list(evals) == ["pretrain", "sft"]
+    assert [(r["stage"], r["step"]) for r in steps] == (
+        [("pretrain", i) for i in range(1, 31)] + [("sft", i) for i in range(1, 7)] + [("rl", i) for i in range(1, 5)])
+    assert list(evals) == ["pretrain", "sft", "rl"]
     pre = [r["loss"] for r in steps if r["stage"] == "pretrain"]
     assert sum(pre[-5:]) / 5 < sum(pre[:5]) / 5 - 0.5  # pretraining learns (byte-level: starts near ln 268)
-    for r in steps:  # QK-Clip and MoE balance are logged every step
-        assert r["s_max"] > 0 and r["max_vio"] >= 0 and r["clipped_heads"] >= 0
-    for res in evals.values():
-        assert set(res) == {"val_loss", "sft_val_loss", "qa_held_out", "qa_format", "math", "tool_success"}
-        assert all(0 <= res[k] <= 1 for k in ("qa_held_out", "qa_format", "math", "tool_success"))
+    for r in steps:  # QK-Clip is logged every step, MoE balance every pretraining/SFT step
+        assert r["s_max"] > 0 and r["clipped_heads"] >= 0 and (r["stage"] == "rl" or r["max_vio"] >= 0)
+    rl_steps = [r for r in steps if r["stage"] == "rl"]
+    assert [r["weights_version"] for r in rl_steps] == [1, 2, 3, 4]  # one engine update per RL step
+    assert all(r["logprob_gap"] < 1e-3 for r in rl_steps)  # rollout and trainer log-probs agree (same weights)
+    rates = ("qa_held_out", "qa_format", "math", "sums", "tool_units_dates", "tool_all_kinds")
+    for stage, res in evals.items():
+        assert set(res) == {"val_loss", "sft_val_loss", *rates} | ({"critic_acc"} if stage != "pretrain" else set())
+        assert all(0 <= res[k] <= 1 for k in rates)
     assert evals["sft"]["sft_val_loss"] < evals["pretrain"]["sft_val_loss"]  # SFT fits unseen trajectories better
     with open(os.path.join(quick_run, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["pretrain_steps"] == 30 and cfg["model"]["hidden_size"] == 64
-    for name in ("ckpt/last.pt", "ckpt/pretrain.pt", "ckpt/sft.pt", "figures/train_curves.png"):
+    for name in ("ckpt/last.pt", "ckpt/pretrain.pt", "ckpt/sft.pt", "ckpt/rl.pt", "figures/train_curves.png",
+                 "figures/train_rewards.png"):
         assert os.path.isfile(os.path.join(quick_run, name)), name
 
 
@@ -73,11 +80,11 @@ def test_sft_targets_are_exactly_the_assistant_tokens():
     tok = data.Tokenizer()
     kept, _ = data.synthesize(7, seed=0)
     rec = kept[0]
-    x, y = train.sft_example(rec, tok, max_len=10_000)
-    ids, mask = data.render_chat([train.compact_system(rec["meta"]["agent"])] + rec["messages"][1:], tok)
-    assert x.tolist() == ids[:-1]
-    assert [t != -100 for t in y.tolist()] == [bool(m) for m in mask[1:]]
-    assert tok.decode([t for t in y.tolist() if t != -100]).count("<|end|>") == sum(
+    ids, mask = train.chat_example(rec, tok, max_len=10_000)
+    x, y = train.targets(torch.tensor([ids]), torch.tensor([mask]))
+    assert x[0].tolist() == ids[:-1]
+    assert [t != -100 for t in y[0].tolist()] == [bool(m) for m in mask[1:]]
+    assert tok.decode([t for t in y[0].tolist() if t != -100]).count("<|end|>") == sum(
         m["role"] == "assistant" for m in rec["messages"])
 
 
@@ -85,9 +92,10 @@ def test_batches_are_pure_functions_of_the_step():
     tc = train.TrainConfig(**{**train.quick_config(), "model": {}})
     c = train.build_corpora(tc)
     a, b = train.sft_batch(c, tc, 5), train.sft_batch(c, tc, 5)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    x, y = train.pretrain_batch(c, tc, 3)
+    assert len(a) == 2 and all(torch.equal(u, v) for p, q in zip(a, b) for u, v in zip(p, q))
+    [(x, y)] = train.pretrain_batch(c, tc, 3)
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the next tokens
+    assert torch.equal(x.flatten()[:5], c.stream[3 * x.numel(): 3 * x.numel() + 5])  # step 3 reads its own slice
 
 
 def _start(out, *extra):
@@ -117,13 +125,13 @@ def _kill_when(proc, out, stage):
 def test_resume_after_sigkill_gives_bit_identical_results(quick_run, tmp_path):
     out = str(tmp_path / "killed")
     killed_at = [_kill_when(_start(out), out, "pretrain")]
-    killed_at.append(_kill_when(_start(out, "--resume"), out, "sft"))
+    killed_at.append(_kill_when(_start(out, "--resume"), out, "rl"))
     done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--resume"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert killed_at[0]["step"] < 30 and killed_at[1]["finished"] == ["pretrain"]
+    assert killed_at[0]["step"] < 30 and killed_at[1]["finished"] == ["pretrain", "sft"]
     assert step_records(out) == step_records(quick_run)  # every step's loss, S_max, MaxVio and the evaluations
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "rl"):
         a, b = weights(out, stage), weights(quick_run, stage)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -141,9 +149,10 @@ def test_hf_export_round_trip(quick_run, tmp_path):
     with open(os.path.join(quick_run, "config.json")) as f:
         cfg = train.mla.ModelConfig.from_hf(json.load(f)["model"])
     ours = train.mla.Transformer(cfg)
-    ours.load_state_dict(weights(quick_run, "sft"))
+    ours.load_state_dict(weights(quick_run, "rl"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
-    assert train.mla.ModelConfig.from_hf(os.path.join(export, "config.json")) == cfg
+    back = train.mla.ModelConfig.from_hf(os.path.join(export, "config.json"))
+    assert back == dataclasses.replace(cfg, bias_update_speed=back.bias_update_speed)  # a training setting
     idx = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=idx).logits, ours.eval()(idx).logits, atol=2e-5, rtol=1e-4)
