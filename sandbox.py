@@ -190,7 +190,9 @@ def _mount_tmpfs(path: str, size_mb: int, n_inodes: int, uid: int) -> None:
         _libc.umount2(path.encode(), MNT_DETACH)
     opts = f"size={size_mb}m,nr_inodes={n_inodes},mode=0711,uid={uid},gid={uid}"
     if _libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts.encode()) != 0:
-        raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}: {os.strerror(ctypes.get_errno())}")
+        err = ctypes.get_errno()
+        os.rmdir(path)
+        raise OSError(err, os.strerror(err))
 
 
 def _rmtree(path: str) -> None:
@@ -289,7 +291,11 @@ def _slot_cgroups(slot: _Slot, max_pids: int, memory_bytes: int, why: list) -> d
             why.append(f"no writable {controller} cgroup: {missing}")
             continue
         v2_layout = os.path.exists(os.path.join(parent, "cgroup.controllers"))
-        made[controller] = _make_cgroup(parent, slot, {v2 if v2_layout else v1: value})
+        try:
+            made[controller] = _make_cgroup(parent, slot, {v2 if v2_layout else v1: value})
+        except OSError as e:  # e.g. a read-only cgroup file system in a container
+            _remove_cgroup(os.path.join(parent, f"k2-sandbox-{slot.n}"))
+            why.append(f"cannot make a {controller} cgroup ({e.strerror}): {missing}")
     return made
 
 
@@ -476,11 +482,14 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
     try:
         if slot is not None:
             slot.uid = uid or slot.uid
-            _mount_tmpfs(slot.workdir, disk_mb, disk_files, slot.uid)
-            workdir, tmpfs = slot.workdir, True
+            try:
+                _mount_tmpfs(slot.workdir, disk_mb, disk_files, slot.uid)
+                workdir, tmpfs = slot.workdir, True
+            except OSError as e:  # e.g. a container without CAP_SYS_ADMIN
+                why.append(f"cannot mount the work dir's tmpfs ({e.strerror}): a host temp dir, bounded per file only")
             # + sh/prlimit/bwrap and bwrap's PID 1; the memory cap holds the work dir's tmpfs pages too
             cgroups = _slot_cgroups(slot, max_procs + 3, (tree_memory_mb or 2 * memory_mb + disk_mb) << 20, why)
-        else:
+        if workdir is None:
             workdir = os.path.realpath(tempfile.mkdtemp(prefix="sandbox-"))
         return _run(code, timeout_s, memory_mb, files, max_output, max_procs, max_files, file_mb, env or {},
                     host, use_bwrap, slot, workdir, tmpfs, cgroups, why)
@@ -613,6 +622,7 @@ def _write_files(workdir: str, files: dict, uid: int | None) -> None:
         with open(path, "w") as f:
             f.write(text)
     if uid is not None:
+        os.chmod(workdir, 0o711)  # bwrap (root, no capabilities) must be able to enter it
         for top, dirs, fs in os.walk(workdir):
             for n in [""] + dirs + fs:
                 os.chown(os.path.join(top, n), uid, uid)
