@@ -217,3 +217,16 @@ def test_damaged_checkpoints_are_refused(quick_run, tmp_path, capsys, damage, me
         torch.save(state, ckpt)
     code, err = run_main(["--out", out, "--resume", "--export-hf", str(tmp_path / "hf")], capsys)
     assert code == 2 and message in err, err
+
+
+def test_config_file_with_overrides_resolves_through_from_hf(tmp_path):
+    path = tmp_path / "config.json"
+    k2 = train.mla.ModelConfig.kimi_k2().to_hf()
+    path.write_text(json.dumps({**k2, "vocab_size": 163840}))
+    p = train.build_parser()
+    args = p.parse_args(["--config", str(path), "--override", "num_hidden_layers=2", "hidden_size=128",
+                         "n_routed_experts=16", "num_attention_heads=4"])
+    cfg = train.mla.ModelConfig.from_hf(train.config_from_args(p, args).model)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.n_routed_experts, cfg.num_attention_heads) == (2, 128, 16, 4)
+    assert (cfg.kv_lora_rank, cfg.q_lora_rank, cfg.routed_scaling_factor) == (512, 1536, 2.827)  # from the file
+    assert cfg.rope_scaling == k2["rope_scaling"]
