@@ -548,9 +548,11 @@ def row_train(o: Opts) -> RowResult:
         res.notes.append("train: not yet available (train.py is not on this branch)")
         return res
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "train.py")] + (["--quick"] if quick else []) + ["--out", tmp]
+        cmd = [sys.executable, str(ROOT / "train.py"), *(["--quick"] if quick else []), "--out", os.path.join(tmp, "run")]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
         wall = time.perf_counter() - t0
     res = RowResult("train")
     res.lines.append(Line("`python train.py` default, wall clock (minutes)", "10 minutes", wall / 60, "<= 10 min",
