@@ -32,6 +32,7 @@ Run:
     python bench.py --only moe --only mla_decode --json bench.json
     python bench.py --quick              # micro sizes, 2 repeats: checks the plumbing in well under a minute
     python bench.py --only train         # python train.py's wall clock (up to 10 minutes)
+    python bench.py --keep-freed-memory  # the same with glibc keeping freed memory (see chapter 1's README part)
 """
 
 from __future__ import annotations
@@ -619,6 +620,10 @@ def run_rows(names: list[str], o: Opts, threads: int | None, on_row=None) -> lis
     return out
 
 
+# glibc returns freed blocks above the mmap threshold to the OS, so each fresh large buffer pays page faults again
+GLIBC_KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                    "MALLOC_TOP_PAD_": "1073741824"}
+
 # ---- report ----
 
 
@@ -687,6 +692,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=cli.positive_int, default=None, help="timed rounds per row (unset: 7, 2 with --quick)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="what is timed: wall time, or the process's CPU time (steadier with --threads 1 under load)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="run the rows with glibc keeping freed memory (MALLOC_* variables, as chapter 1 explains): "
+                        "no page faults for every fresh multi-MB buffer; applies to every variant alike")
     p.add_argument("--quick", action="store_true", help="micro sizes: checks the plumbing, the figures mean nothing")
     args = p.parse_args(argv)
     names = list(dict.fromkeys(args.only)) if args.only else DEFAULT_ROWS
@@ -697,6 +705,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     o = Opts(quick=args.quick, reps=reps, clock=args.clock)
+    if args.keep_freed_memory:  # read by glibc when each row's process starts
+        os.environ.update(GLIBC_KEEP_FREED)
 
     def partial(r: dict) -> None:  # one line per row as it finishes
         figures = "; ".join(f"{ln['what']}: {_fmt_ratio(ln)}" for ln in r["lines"]) or "; ".join(r["notes"])
@@ -705,8 +715,8 @@ def main(argv=None) -> int:
     rows = run_rows(names, o, args.threads, on_row=partial)
     load_after = os.getloadavg()[0]
     info = machine()
-    title = (f"bench.py{' --quick' if args.quick else ''}: ratios of medians ({args.clock} time) of {reps} "
-             f"interleaved rounds, "
+    flags = "".join(f" --{f}" for f, on in (("quick", args.quick), ("keep-freed-memory", args.keep_freed_memory)) if on)
+    title = (f"bench.py{flags}: ratios of medians ({args.clock} time) of {reps} interleaved rounds, "
              f"torch threads {info['threads']} on {info['cores']} cores, load average {load_before:.1f} before, "
              f"{load_after:.1f} after, torch {info['torch']}")
     console.print(table(rows, title))
@@ -718,6 +728,7 @@ def main(argv=None) -> int:
     if args.json:
         payload = dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
                        machine=info, quick=args.quick, reps=reps, clock=args.clock,
+                       keep_freed_memory=args.keep_freed_memory,
                        load_average=[load_before, load_after], seconds=time.perf_counter() - t0, rows=rows)
         _write_atomic(args.json, json.dumps(payload, indent=1))
         console.print(f"wrote {args.json}")
