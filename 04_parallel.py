@@ -24,8 +24,10 @@ The ranks form a (pp, dp, ep) grid, ep fastest: rank = (pp_rank · dp + dp_rank)
 (the heaviest traffic, all_to_all every MoE layer) sits on neighbouring ranks, i.e. inside a node.
 
     data shard of a rank = dp_rank · ep + ep_rank  (the dp x ep ranks of a stage read different sequences)
-    non-expert gradient   = Σ over the dp x ep ranks of the stage / (dp·ep)
-    expert gradient       = Σ over the dp ranks holding the same shard / (dp·ep)   (EP already summed the tokens)
+    loss of a micro-batch = CE_mean · n_valid / N_valid(global batch) + aux / (dp·ep·n_micro), so that
+                            Σ over ranks and micro-batches = the one-process loss (also with -100 targets)
+    non-expert gradient   = Σ over the dp x ep ranks of the stage
+    expert gradient       = Σ over the dp ranks holding the same shard   (EP's all_to_all already summed tokens)
     router load, S_max    = Σ (resp. max) over micro-batches, then over the dp x ep ranks of the stage
 
 Design choices
@@ -497,7 +499,6 @@ class ZeroMuonClip(mc.MuonClip):
                 dist.all_reduce(s, op=dist.ReduceOp.MAX, group=lay.replica_group)
         super().__init__(model, s_max_reduce=reduce_max, **muonclip_kw)
         self.zero, self.layout = zero, lay
-        self.n_data = lay.dims.dp * lay.dims.ep  # gradients are sums over this many data shards
         names = {p: n for n, p in model.named_parameters()}
         self.meta = {}  # param -> (group, group ranks (global), this rank's index in them)
         for p, name in names.items():
@@ -519,7 +520,7 @@ class ZeroMuonClip(mc.MuonClip):
     @torch.no_grad()
     def step(self, closure=None):
         if self.zero == "owner":
-            self._average_grads()
+            self._sum_grads()
             for group in self.param_groups:
                 for p in group["params"]:
                     if self.owner[p] == self.layout.rank:
@@ -533,8 +534,9 @@ class ZeroMuonClip(mc.MuonClip):
                     self._distributed_step(p, group)
         self.clip_stats = mc.qk_clip_(self.model, self.tau, apply=self.qk_clip, reduce_max=self.s_max_reduce)
 
-    def _average_grads(self) -> None:
-        """g ← Σ_replicas g / (dp·ep), one flat all-reduce per replica group."""
+    def _sum_grads(self) -> None:
+        """g ← Σ_replicas g, one flat all-reduce per replica group (each rank's loss already carries its share
+        of the global normalisation, see forward_backward)."""
         for ps in self.groups_of:
             group = self.meta[ps[0]][0]
             for p in ps:
@@ -544,7 +546,6 @@ class ZeroMuonClip(mc.MuonClip):
                 continue
             flat = torch.cat([p.grad.flatten() for p in ps])
             dist.all_reduce(flat, group=group)
-            flat /= self.n_data
             for p, g in zip(ps, flat.split([p.numel() for p in ps])):
                 p.grad.copy_(g.view_as(p))
 
@@ -563,7 +564,6 @@ class ZeroMuonClip(mc.MuonClip):
             g.copy_(flat_g)
         else:
             dist.reduce_scatter_single(g, flat_g, group=pg)
-        g /= self.n_data
         lo = i * chunk
         state = self.state[p]
         p_flat = F.pad(p.detach().flatten(), (0, chunk * n - N))[lo: lo + chunk].clone()  # this rank's slice
@@ -756,6 +756,8 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
     idx_mb = idx[mine].to(lay.device).chunk(d.n_microbatches)
     tgt_mb = targets[mine].to(lay.device).chunk(d.n_microbatches)
     M, n_stages = d.n_microbatches, d.n_stages
+    n_shards = d.dp * d.ep
+    n_targets = max(int((targets != -100).sum()), 1)  # over the global batch: every rank sees it
     loss_sum = torch.zeros((), device=lay.device)
     loads = [torch.zeros(len(c.moe_layers()), model.cfg.n_routed_experts, device=lay.device) for c in model.chunks]
     amp = torch.autocast(lay.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -779,11 +781,14 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
         saved_bytes[(m, c)] = sum(seen.values())
         if out.expert_load is not None:
             loads[c] += out.expert_load
-        if last:
-            loss_sum = loss_sum + out.loss.detach()
-            return out.loss / M, None
-        loss_sum = loss_sum + out.aux_loss.detach()
-        return out.hidden, out.aux_loss / M
+        aux = out.aux_loss / (M * n_shards)  # balance loss: a mean over the batch's sequences
+        if last:  # CE: a mean over the batch's valid targets, so each micro-batch weighs by its count
+            n_valid = int((tgt_mb[m] != -100).sum())
+            ce = (out.loss - out.aux_loss) * (n_valid / n_targets) if n_valid else out.logits.sum() * 0.0
+            loss_sum = loss_sum + (ce + aux).detach()
+            return ce + aux, None
+        loss_sum = loss_sum + aux.detach()
+        return out.hidden, aux
 
     if d.pp == 1:  # no pipeline: gradient accumulation over the micro-batches
         actions = [(k, m, 0) for m in range(M) for k in "FB"]
@@ -802,7 +807,6 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
             live += saved_bytes[(m, c)] if kind == "F" else -saved_bytes[(m, c)]
             peak = max(peak, live)
         memory["activations"] = peak
-    loss_sum /= M * d.dp * d.ep
     _all_reduce(loss_sum, lay.world_group)  # Σ over stages (CE on the last, aux on each) and data shards
     return loss_sum.item(), loads
 
