@@ -482,6 +482,8 @@ def run_sandboxed(code: str, timeout_s: float = 5.0, memory_mb: int = 256, *, fi
     try:
         if slot is not None:
             slot.uid = uid or slot.uid
+            if use_bwrap and not host.setpriv:  # the program is host root in a user namespace: its files too
+                slot.uid = 0
             try:
                 _mount_tmpfs(slot.workdir, disk_mb, disk_files, slot.uid)
                 workdir, tmpfs = slot.workdir, True
