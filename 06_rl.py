@@ -33,22 +33,27 @@ Design choices
       MAX all-reduce makes every rank raise together; a dead peer surfaces as gloo's timeout instead.
 
 Simplified vs K2
-    - Model: chapter 2's tiny K2 (fp32, CPU); K2 is 1.04T parameters on thousands of GPUs.
-    - Demo tasks: one- and two-digit sums and chapter 5's unit/date tool tasks with a compact tool list;
-      K2 uses competition math, real repositories and thousands of tools.
+    - Model: chapter 2's tiny K2 (2 layers, 8 experts top-2, fp32, CPU); K2 is 1.04T parameters on thousands of GPUs.
+    - Demo tasks: sums a + b (a, b <= 20) whose SFT data answers each sum in three styles (checkable
+      `Answer: N`; right but uncheckable; over the token budget), so what RL can find in minutes is the
+      verifiable, within-budget behaviour (and some arithmetic); and chapter 5's unit/date tool tasks with a
+      one-line tool list. K2 uses competition math, real repositories and thousands of tools.
+    - PTX data is the SFT tool trajectories; K2 uses curated high-quality SFT data.
     - One rollout worker process per inference engine, gloo broadcasts on CPU; K2 moves weights GPU to GPU
-      with a checkpoint engine beside each vLLM-style engine. Colocated offload here moves optimizer state
+      with a checkpoint engine beside each inference engine. Colocated offload here moves optimizer state
       and gradients CPU -> CPU (the mechanism runs and is timed; on CUDA it frees device memory).
     - The critic sees two short rubric lists; K2's rubrics and critic are far richer.
-    - No partial rollouts (K2 resumes long unfinished trajectories in the next iteration).
+    - One gradient step per batch of rollouts, no partial rollouts (K2 resumes long unfinished trajectories).
 
 API for train.py
-    envs = make_envs(tok, n_math=..., n_tool=..., seed=...)       # list[Env] (math, tool, code, rubric)
-    rollouts = collect_rollouts(model, envs, tok, group_size=4, temperature=..., seed=...)
-    metrics = rl_step(model, optimizer, rollouts, group_size=4, tau=..., ptx=(ids, mask), ptx_weight=...)
-    success = evaluate(model, envs, tok)                          # greedy success per env name
-    critic_accuracy(model, tok, pairs); critic_pairs(rollouts)   # self-critique and the closed loop
-    CheckpointEngine(group=..., src=0).register(named_tensors).update(verify=True)
+    envs = make_envs(n_math=8, n_tool=2, n_code=0, n_rubric=0, seed=0)  # [(Env, reset seed)], one per prompt
+    rollouts = collect_rollouts(model, envs, tok, group_size=4, temperature=T, seed=s, critic=SelfCritic(model, tok))
+    metrics = rl_step(model, optimizer, rollouts, group_size=4, tau=0.1, pad_id=tok.pad_id,
+                      ptx=(ids, mask), critic_batch=critic_batch(tok, critic_pairs(rollouts, 4)))
+    success = evaluate(model, envs, tok)                  # greedy success rate per env name
+    critic_accuracy(model, tok, pairs)                     # pairwise accuracy of the self-critic
+    engine = CheckpointEngine(bucket_bytes=...).register(dict(model.state_dict())); engine.update(verify=True)
+    move_training_state(model, optimizer, "cpu")           # colocation: offload during rollouts, timed
 
 References
     Kimi K2 (arXiv 2507.20534) §3.2 (RL: verifiable rewards, self-critique rubric reward, budget control,
@@ -187,7 +192,7 @@ class MathEnv(Env):
 
     name = "math"
 
-    def __init__(self, problems: list, token_budget: int = 32):
+    def __init__(self, problems: list, token_budget: int = 24):
         if not problems:
             raise ValueError("problems must not be empty")
         # accepts (question, answer) pairs or chapter 5's MathProblem objects
@@ -254,11 +259,6 @@ class ToolEnv(Env):
         return obs, 0.0, False, {}
 
 
-def run_programs(programs: list[str], timeout_s: float) -> list:
-    """Run untrusted programs in chapter 5's sandbox, one SandboxResult each, in order."""
-    return [data.run_sandboxed(p, timeout_s=timeout_s, memory_mb=256) for p in programs]
-
-
 class CodeEnv(Env):
     """Write a function; reward = share of the problem's asserts that pass, each run alone in the sandbox."""
 
@@ -277,7 +277,8 @@ class CodeEnv(Env):
         text = assistant_message.get("content") or ""
         m = re.search(r"```python\n(.*?)```", text, flags=re.S)
         code = m.group(1) if m else text
-        results = run_programs([code + "\n" + t + "\n" for t in self.tests], self.timeout_s)
+        results = data.run_many([code + "\n" + t + "\n" for t in self.tests], timeout_s=self.timeout_s,
+                                 memory_mb=256)  # each assert alone, concurrently, in the sandbox
         passed = [r.ok for r in results]
         return [], sum(passed) / len(passed), True, {"passed": passed,
                                                       "timed_out": [r.timed_out for r in results]}
@@ -596,8 +597,10 @@ def critic_pairs(rollouts: list[Rollout], group_size: int) -> list[tuple[str, st
     return pairs
 
 
-def critic_batch(tok, pairs: list[tuple[str, str, str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Critic training examples in both orders: the target is the letter of the better response."""
+def critic_batch(tok, pairs: list[tuple[str, str, str, str]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Critic training examples in both orders: the target is the letter of the better response (None if no pairs)."""
+    if not pairs:
+        return None
     seqs = []
     for p, good, bad, rub in pairs:
         for msgs, letter in ((critic_messages(p, good, bad, rub), "A"), (critic_messages(p, bad, good, rub), "B")):
@@ -647,12 +650,14 @@ class CheckpointEngine:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.distributed = dist.is_available() and dist.is_initialized()
+        if self.distributed and group is None:  # its own group, so every collective below obeys timeout_s
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.group, self.src, self.bucket_bytes, self.timeout_s = group, src, bucket_bytes, timeout_s
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world = dist.get_world_size(group) if self.distributed else 1
         if not 0 <= src < self.world:
             raise ValueError(f"src={src} must be a rank in [0, {self.world})")
-        self.src_global = dist.get_global_rank(group, src) if self.distributed and group is not None else src
+        self.src_global = dist.get_global_rank(group, src) if self.distributed else src
         self.tensors: dict[str, torch.Tensor] = {}
         self.version = 0
         self.buffers = [torch.empty(bucket_bytes, dtype=torch.uint8) for _ in range(2)]
@@ -813,10 +818,22 @@ def split_tool_tasks(n: int, seed: int) -> tuple[list, list, list]:
     return tasks[:n], tasks[n:2 * n], tasks[2 * n:3 * n]
 
 
+SUM_STYLES = (  # how the SFT data answers a sum; only the first is verifiable within the math budget
+    "Answer: {c}",                                                             # short, checkable
+    "The sum is {c}.",                                                         # right, but no `Answer:` line
+    "Let me add {a} and {b} carefully, digit by digit, to be sure: Answer: {c}",  # runs past the token budget
+)
+
+
 def sft_examples(tok, sums: list, tasks: list, seed: int) -> list[tuple[list[int], list[int]]]:
-    """Chat-rendered SFT data: sums answered as `Answer: N`, tool trajectories from chapter 5's expert."""
-    out = [data.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": f"Answer: {a}"}],
-                            tok) for q, a in sums]
+    """Chat-rendered SFT data: each sum answered in each of SUM_STYLES (so SFT leaves the style to chance and
+    RL must find the verifiable, within-budget one), and tool trajectories from chapter 5's expert."""
+    out = []
+    for q, c in sums:
+        a, b = (int(x) for x in re.findall(r"\d+", q))
+        out += [data.render_chat([{"role": "user", "content": q},
+                                  {"role": "assistant", "content": style.format(a=a, b=b, c=c)}], tok)
+                for style in SUM_STYLES]
     expert = data.ScriptedExpert(seed, p_slip=0.0, p_fatal=0.0)
     for t in tasks:
         msgs, _ = data.simulate(t, expert)
@@ -889,6 +906,12 @@ def run_seed(seed: int, args, progress=None) -> dict:
     opt = make_optimizer(model, args.rl_lr)
     rng, history = random.Random(seed), []
     n_math = args.prompts - args.tool_prompts
+    tool_examples = [e for e in examples if len(e[0]) >= 128]  # PTX: the curated tool trajectories
+
+    def ptx_batch(rng):
+        return batch_of(rng.sample(tool_examples, min(args.tool_batch, len(tool_examples))), tok.pad_id) \
+            if tool_examples and args.tool_batch else None
+
     t_rl = progress.add_task(f"seed {seed}: RL", total=args.rl_steps) if progress else None
     for step in range(args.rl_steps):
         prompts = (rng.sample(rl_envs[:len(sums_rl)], n_math) + rng.sample(rl_envs[len(sums_rl):], args.tool_prompts))
@@ -901,8 +924,8 @@ def run_seed(seed: int, args, progress=None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the share of all-equal groups is reported in the table instead
             m = rl_step(model, opt, rollouts, group_size=args.group_size, tau=args.tau, pad_id=tok.pad_id,
-                        ptx=sample_sft(rng, examples, args.batch_size, 0, tok.pad_id)[0], ptx_weight=args.ptx_weight,
-                        critic_batch=critic_batch(tok, pairs[: args.batch_size]) if pairs else None,
+                        ptx=ptx_batch(rng), ptx_weight=args.ptx_weight,
+                        critic_batch=critic_batch(tok, pairs[: args.batch_size]),
                         critic_weight=args.critic_weight)
         m["temperature"] = temperature
         history.append(m)
@@ -970,10 +993,11 @@ def engine_demo(args, console) -> None:
         from rich.table import Table
         table = Table(title=f"weight update: {nbytes / 2**20:.1f} MiB, {len(tensors)} tensors, 1 trainer -> "
                             f"{world - 1} workers (gloo, CPU), median of {args.repeats}")
-        for col in ("method", "seconds", "MiB/s per worker", "checksums (trainer, workers...)", "equal"):
+        for col in ("method", "seconds", "MiB/s per worker", "SHA-256 (trainer)", "workers equal"):
             table.add_column(col)
         for name, s, dg in rows:
-            table.add_row(name, f"{s:.3f}", f"{nbytes / 2**20 / s:.0f}", " ".join(dg), str(len(set(dg)) == 1))
+            table.add_row(name, f"{s:.3f}", f"{nbytes / 2**20 / s:.0f}", dg[0],
+                          f"{sum(d == dg[0] for d in dg[1:])}/{world - 1}")
         console.print(table)
         console.print(f"bucket {args.bucket_mb} MiB; engine version {engine.version}; verification passed "
                       f"(per-tensor SHA-256 on every worker)")
@@ -1024,7 +1048,7 @@ def main(argv=None):
     p.add_argument("--threads", type=cli.positive_int, default=1, help="torch intra-op threads")
     p.add_argument("--max-operand", type=cli.positive_int, default=20, help="sums a + b with a, b <= this")
     p.add_argument("--tool-tasks", type=cli.positive_int, default=40, help="tool tasks per split (SFT, RL, test)")
-    p.add_argument("--sft-steps", type=cli.positive_int, default=300, help="SFT steps")
+    p.add_argument("--sft-steps", type=cli.positive_int, default=200, help="SFT steps")
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="SFT / PTX / critic batch")
     p.add_argument("--tool-batch", type=cli.nonneg_int, default=2, help="tool trajectories per SFT step")
     p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="SFT learning rate (MuonClip)")
@@ -1037,8 +1061,8 @@ def main(argv=None):
     p.add_argument("--ptx-weight", type=cli.nonneg_float, default=0.1, help="weight of the PTX loss")
     p.add_argument("--critic-weight", type=cli.nonneg_float, default=0.1, help="weight of the critic loss")
     p.add_argument("--critic-prompts", type=cli.positive_int, default=48, help="held-out prompts for critic pairs")
-    p.add_argument("--t-start", type=cli.nonneg_float, default=1.2, help="sampling temperature at step 0")
-    p.add_argument("--t-end", type=cli.nonneg_float, default=0.7, help="sampling temperature at the last step")
+    p.add_argument("--t-start", type=cli.nonneg_float, default=1.0, help="sampling temperature at step 0")
+    p.add_argument("--t-end", type=cli.nonneg_float, default=0.6, help="sampling temperature at the last step")
     p.add_argument("--engine-width", type=cli.positive_int, default=512, help="engine demo: hidden size")
     p.add_argument("--bucket-mb", type=cli.positive_int, default=4, help="engine demo: bucket size in MiB")
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="engine demo: timed updates per method")
@@ -1047,7 +1071,7 @@ def main(argv=None):
     if args.tool_prompts > args.prompts:
         p.error(f"argument --tool-prompts: {args.tool_prompts} is more than --prompts={args.prompts}")
     from rich.console import Console
-    console = Console()
+    console = Console(width=120)
     torch.set_num_threads(args.threads)
     if args.engine_demo:
         if "RANK" not in os.environ:

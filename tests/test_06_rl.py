@@ -359,6 +359,24 @@ def test_engine_missing_tensor_and_injected_error():
     assert all(v.startswith("raised") and "rank 2" in v and "injected" in v for v in out.values()), out
 
 
+def scenario_peer_gone(rank, world):
+    eng = rl.CheckpointEngine(bucket_bytes=1024, timeout_s=5).register(_params(rank))
+    if rank == 2:
+        return "left"  # this worker never joins the update and exits
+    try:
+        eng.update()
+    except (RuntimeError, rl.CheckpointEngineError) as e:
+        return "raised: " + type(e).__name__
+    return "no error"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_engine_peer_gone_raises_within_timeout():
+    out = run_ranks(scenario_peer_gone, 3, timeout=40)
+    assert out[2] == "left" and out[0].startswith("raised") and out[1].startswith("raised"), out
+
+
 def test_engine_world_size_one_and_offload(tok):
     eng = rl.CheckpointEngine().register({"x": torch.zeros(3)})
     assert eng.update()["version"] == 1 and eng.update()["version"] == 2
