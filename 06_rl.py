@@ -900,8 +900,9 @@ def run_seed(seed: int, args, progress=None) -> dict:
     model.set_record_s_max(False)
     before = evaluate(model, test_envs, tok)
     # held-out critic pairs: on-policy rollouts of held-out prompts whose verifiable rewards differ
-    held_pairs = critic_pairs(collect_rollouts(model, test_envs[: args.critic_prompts], tok, group_size=4,
-                                               temperature=1.0, seed=seed + 1000), 4)
+    critic_envs = test_envs[: min(args.critic_prompts, len(sums_test))]  # held-out sums only
+    held_pairs = critic_pairs(collect_rollouts(model, critic_envs, tok, group_size=4, temperature=1.0,
+                                               seed=seed + 1000), 4)
     critic_before = critic_accuracy(model, tok, held_pairs) if held_pairs else float("nan")
     opt = make_optimizer(model, args.rl_lr)
     rng, history = random.Random(seed), []
@@ -1001,6 +1002,13 @@ def engine_demo(args, console) -> None:
         console.print(table)
         console.print(f"bucket {args.bucket_mb} MiB; engine version {engine.version}; verification passed "
                       f"(per-tensor SHA-256 on every worker)")
+        opt = torch.optim.AdamW(model.parameters())  # colocation: the trainer's state leaves during rollouts
+        model(torch.tensor([[1, 2, 3]]), targets=torch.tensor([[2, 3, 4]])).loss.backward()
+        opt.step()
+        home = next(model.parameters()).device
+        out, back = move_training_state(model, opt, "cpu"), move_training_state(model, opt, home)
+        console.print(f"colocated offload: optimizer state + gradients {out['bytes'] / 2**20:.1f} MiB, "
+                      f"out {out['seconds']:.3f} s, back {back['seconds']:.3f} s (CPU -> CPU copies here)")
     dist.destroy_process_group()
 
 
@@ -1060,7 +1068,7 @@ def main(argv=None):
     p.add_argument("--tau", type=cli.positive_float, default=0.1, help="k1.5 regulariser τ")
     p.add_argument("--ptx-weight", type=cli.nonneg_float, default=0.1, help="weight of the PTX loss")
     p.add_argument("--critic-weight", type=cli.nonneg_float, default=0.1, help="weight of the critic loss")
-    p.add_argument("--critic-prompts", type=cli.positive_int, default=48, help="held-out prompts for critic pairs")
+    p.add_argument("--critic-prompts", type=cli.positive_int, default=48, help="held-out sums whose rollouts give the critic pairs")
     p.add_argument("--t-start", type=cli.nonneg_float, default=1.0, help="sampling temperature at step 0")
     p.add_argument("--t-end", type=cli.nonneg_float, default=0.6, help="sampling temperature at the last step")
     p.add_argument("--engine-width", type=cli.positive_int, default=512, help="engine demo: hidden size")
