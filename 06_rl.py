@@ -825,15 +825,19 @@ SUM_STYLES = (  # how the SFT data answers a sum; only the first is verifiable w
 )
 
 
-def sft_examples(tok, sums: list, tasks: list, seed: int) -> list[tuple[list[int], list[int]]]:
-    """Chat-rendered SFT data: each sum answered in each of SUM_STYLES (so SFT leaves the style to chance and
-    RL must find the verifiable, within-budget one), and tool trajectories from chapter 5's expert."""
+Example = tuple[list[int], list[int]]  # (token ids, loss mask)
+
+
+def sft_examples(tok, sums: list, tasks: list, seed: int, styles: tuple = SUM_STYLES[:1]) -> list[Example]:
+    """Chat-rendered SFT data: each sum answered in each of `styles` (the demo passes all of SUM_STYLES, so SFT
+    leaves the style to chance and RL must find the verifiable, within-budget one), and tool trajectories from
+    chapter 5's expert."""
     out = []
     for q, c in sums:
         a, b = (int(x) for x in re.findall(r"\d+", q))
         out += [data.render_chat([{"role": "user", "content": q},
                                   {"role": "assistant", "content": style.format(a=a, b=b, c=c)}], tok)
-                for style in SUM_STYLES]
+                for style in styles]
     expert = data.ScriptedExpert(seed, p_slip=0.0, p_fatal=0.0)
     for t in tasks:
         msgs, _ = data.simulate(t, expert)
@@ -888,7 +892,7 @@ def run_seed(seed: int, args, progress=None) -> dict:
     torch.manual_seed(seed)
     sums_sft, sums_rl, sums_test = split_sums(args.max_operand, seed)
     tools_sft, tools_rl, tools_test = split_tool_tasks(args.tool_tasks, seed)
-    examples = sft_examples(tok, sums_sft, tools_sft, seed)
+    examples = sft_examples(tok, sums_sft, tools_sft, seed, SUM_STYLES)
     model = mla.Transformer(demo_config(tok))
     t_sft = progress.add_task(f"seed {seed}: SFT", total=args.sft_steps) if progress else None
     sft_loss = sft(model, examples, args.sft_steps, args.batch_size, args.lr, seed, tok.pad_id, args.tool_batch,
