@@ -38,8 +38,9 @@ Design choices
   3. `make_optimizer` wraps chapter 3's MuonClip in ZeRO-1 (`ZeroMuonClip`);
   4. `train_step` runs the pipeline schedule over micro-batches, then the optimizer (gradient averaging,
      update, broadcast, QK-Clip with S_max all-reduced by MAX) and the router bias update.
-- Schedules are data: lists of (F|B, micro-batch, chunk) per rank, executed by one function with blocking
-  recv and non-blocking send (never a deadlock for a schedule whose dependencies are acyclic), and simulated
+- Schedules are data: lists of (F|B, micro-batch, chunk) per rank, executed by one function that posts each
+  send with the next receive in one batch_isend_irecv and waits only for receives (no deadlock for a schedule
+  whose dependencies are acyclic; only gloo has been run here, NCCL is untested), and simulated
   to draw the rank x time tables below. Messages carry tags (gloo); the order of sends on each rank pair equals
   the order of receives (NCCL matches in order; a test checks it for every schedule).
 - Every collective has the process group's timeout (`init_distributed(timeout_s=...)`): a dead rank turns into
@@ -255,6 +256,7 @@ def init_distributed(dims: ParallelDims, cfg, backend: str | None = None, timeou
     layout.ep_group = groups([grid[p][q] for p in range(d.pp) for q in range(d.dp)])
     layout.dp_group = groups([[grid[p][q][e] for q in range(d.dp)] for p in range(d.pp) for e in range(d.ep)])
     layout.replica_group = groups([[r for row in grid[p] for r in row] for p in range(d.pp)])
+    dist.barrier()  # a first collective on the world group (NCCL wants one before batched p2p)
     return layout
 
 
@@ -812,44 +814,67 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
 
 
 def _run_pipeline(model: RankModel, forward, idx_mb, actions) -> None:
-    """Execute this rank's schedule: blocking recv before a compute, non-blocking send after it."""
+    """Execute this rank's schedule. The sends a compute produces are posted at the start of the next action,
+    in one batch with that action's receive (Megatron's send_forward_recv_backward pairing): NCCL then never
+    waits on a send queued behind a receive from the same peer. Only receives are waited for before computing;
+    sends complete by the end of the step."""
     lay, d = model.layout, model.layout.dims
-    n_stages, pending, saved = d.n_stages, [], {}
+    n_stages, to_send, in_flight, saved = d.n_stages, [], [], {}
     shape = (idx_mb[0].shape[0], idx_mb[0].shape[1], model.cfg.hidden_size)
+
+    def exchange(recv: tuple | None = None) -> torch.Tensor | None:
+        """Post the pending sends and, if given, receive (kind, micro-batch, stage, source rank)."""
+        ops = [dist.P2POp(dist.isend, t, dst, tag=tag) for t, dst, tag in to_send]
+        buf = None
+        if recv is not None:
+            kind, m, v, src = recv
+            buf = torch.empty(shape, device=lay.device)
+            ops.append(dist.P2POp(dist.irecv, buf, src, tag=_tag(kind, m, v, n_stages)))
+        if dist.get_backend() == "nccl":  # one NCCL group: the sends and the receive progress together
+            works = dist.batch_isend_irecv(ops) if ops else []
+            sends = works
+        else:  # gloo: tagged, buffered p2p, one work per op (a gloo recv must be waited for exactly once)
+            works = [op.op(op.tensor, op.peer, tag=op.tag) for op in ops]
+            sends = works[: len(to_send)]
+        in_flight.append((sends, list(to_send)))  # keep the tensors alive until sent
+        to_send.clear()
+        if recv is not None:
+            works[-1].wait()
+        return buf
+
     for kind, m, c in actions:
         v = c * d.pp + lay.pp_rank
         if kind == "F":
             if v == 0:
+                exchange()
                 x = idx_mb[m]
             else:
-                x = torch.empty(shape, device=lay.device)
-                dist.recv(x, src=lay.grid_rank((v - 1) % d.pp), tag=_tag("F", m, v, n_stages))
-                x.requires_grad_()
+                x = exchange(("F", m, v, lay.grid_rank((v - 1) % d.pp))).requires_grad_()
             out, aux = forward(m, c, x)
             if torch.is_grad_enabled():
                 saved[(m, c)] = (x, out, aux)
             if v < n_stages - 1:
-                send = out.detach().float().contiguous()
-                pending.append((dist.isend(send, dst=lay.grid_rank((v + 1) % d.pp), tag=_tag("F", m, v + 1, n_stages)),
-                                send))
+                to_send.append((out.detach().float().contiguous(), lay.grid_rank((v + 1) % d.pp),
+                                _tag("F", m, v + 1, n_stages)))
         else:
             x, out, aux = saved.pop((m, c))
             if v == n_stages - 1:
+                exchange()
                 out.backward()
             else:
-                g = torch.empty(shape, device=lay.device)
-                dist.recv(g, src=lay.grid_rank((v + 1) % d.pp), tag=_tag("B", m, v, n_stages))
+                g = exchange(("B", m, v, lay.grid_rank((v + 1) % d.pp)))
                 outs, grads = [out], [g.to(out.dtype)]
                 if aux.requires_grad:
                     outs.append(aux)
                     grads.append(torch.ones_like(aux))
                 torch.autograd.backward(outs, grads)
             if v > 0:
-                send = x.grad.float().contiguous()
-                pending.append((dist.isend(send, dst=lay.grid_rank((v - 1) % d.pp), tag=_tag("B", m, v - 1, n_stages)),
-                                send))
-    for work, _ in pending:
-        work.wait()
+                to_send.append((x.grad.float().contiguous(), lay.grid_rank((v - 1) % d.pp),
+                                _tag("B", m, v - 1, n_stages)))
+    exchange()
+    for works, _ in in_flight:
+        for work in works:
+            work.wait()
 
 
 # ---- runs: a layout vs one process ----
