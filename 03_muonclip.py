@@ -31,6 +31,10 @@ Design choices
   `reduce_max` hook MAX-all-reduces it over replicas (chapter 4). The next forward can sit above tau by
   however much that one update moved the logits; it is a cap with one step of lag.
 - Optimizer state (momentum, AdamW moments) is fp32 even for a bf16 model.
+- Muon vs AdamW is measured as Moonlight does: validation loss on held-out documents, and the tokens Muon
+  needs to reach AdamW's final loss over AdamW's tokens, per width, each optimizer at the best lr of its
+  own grid (both grids scaled by 64/width), 3 seeds. Only the hidden matrices change optimizer: the Muon
+  runs keep AdamW at the AdamW side's best lr for embeddings, head and norms.
 
 Simplified vs K2
 - Single process. K2 runs Muon on ZeRO-1 shards (ZeRO stage 1: each data-parallel rank keeps the optimizer
@@ -38,8 +42,9 @@ Simplified vs K2
   slice); chapter 4 does that.
 - K2's MuonClip clips heads per layer with tau = 100 over 15.5T tokens; the demo uses a tiny model, a
   synthetic language and a small tau to make the explosion and the clip visible in minutes on a CPU.
-- The Muon-vs-AdamW comparison is a 100-step x 2048-token toy run with 4-point lr sweeps, not Moonlight's
-  compute-optimal scaling study.
+- The Muon-vs-AdamW comparison (Moonlight Fig. 3 in miniature) trains 2-layer K2-shaped models of width
+  32-128 (43k-460k parameters) for 4096 tokens per unit of width on chapter 5's synthetic text, with
+  4-point lr grids; Moonlight fits compute-optimal scaling laws on models of up to 1.5B activated parameters.
 
 References
 - K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024 (blog + code).
@@ -49,8 +54,8 @@ References
 
 Run:
   python 03_muonclip.py --help
-  python 03_muonclip.py                  # both demos at CPU sizes (a few minutes on 2 cores)
-  python 03_muonclip.py --demo muon_vs_adamw --steps 300 --sweep-batch-size 8   # small batches, more steps
+  python 03_muonclip.py                  # both demos at CPU sizes (about 3 min on 2 cores; partial results as it goes)
+  python 03_muonclip.py --demo muon_vs_adamw --widths 32,64,128 --seeds 0,1,2 --json muon.json   # README's table
   python 03_muonclip.py --demo qk_clip --tau 8
   python 03_muonclip.py --bench          # only the optimizer overhead vs forward-backward (no demos)
 """
@@ -58,12 +63,14 @@ Run:
 import argparse
 import importlib
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -315,8 +322,8 @@ class MuonClip(torch.optim.Optimizer):
     """Muon for hidden matrices + AdamW for the rest + QK-Clip after every step (K2 Algorithm 1).
 
     One optimizer with two kinds of param groups (group["use_muon"]), so schedulers and state_dict work
-    as for any torch optimizer. `lr` is Muon's lr (on AdamW's scale thanks to RMS matching, in Moonlight's
-    regime; in the tiny demo the best Muon lr is ~10x AdamW's); `adamw_lr` is the lr of embeddings, head, norms. Constructing it turns on S_max recording in
+    as for any torch optimizer. `lr` is Muon's lr (on AdamW's scale thanks to RMS matching, in demo 1 the best
+    Muon lr is 2-4x AdamW's); `adamw_lr` is the lr of embeddings, head, norms. Constructing it turns on S_max recording in
     every MLA layer (eval forwards with recording on also count toward the step's S_max: turn it off around
     them); `s_max_reduce` is the all-reduce MAX hook of `qk_clip_`; `step()` returns the loss of the closure, if any, and leaves the QK-Clip stats in
     `self.clip_stats`.
@@ -407,6 +414,47 @@ def toy_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int, n_sym
         yield seq[:, :-1], seq[:, 1:]
 
 
+def text_corpus(n_tokens: int, seed: int, n_people: int = 400) -> torch.Tensor:
+    """n_tokens byte tokens of chapter 5's synthetic text, a corpus with structure at several depths.
+
+    Half the documents are biographies of a fixed world of people (chapter 5's KnowledgeWorld, 4 facts
+    each), rewritten in a random one of its four styles; the other half are worked arithmetic problems
+    with fresh numbers. A model learns the byte statistics first, then the templates, then the facts of
+    each person (memorisation) and the arithmetic of the solutions, which keeps the loss falling long after
+    the toy language would have saturated. Different seeds give different documents about the same people.
+    """
+    data = importlib.import_module("05_data")  # lazily: only this experiment reads chapter 5's text
+    tok, world, rng = data.Tokenizer(), data.KnowledgeWorld(n_people, seed=0), random.Random(seed)
+    rewriter, styles = data.TemplateParaphraser(world, seed=seed), sorted(data.STYLES)
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        if rng.random() < 0.5:
+            doc = rewriter(world.raw_document(rng.choice(world.entities)), style=rng.choice(styles))
+        else:
+            doc = data.make_math_problems(1, seed=rng.randrange(2**31))[0].solution()
+        ids += [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
+    return torch.tensor(ids[:n_tokens])
+
+
+def stream_batches(ids: torch.Tensor, batch_size: int, seq_len: int):
+    """(idx, targets) batches read through `ids` in order, each token once (one epoch, then stop)."""
+    n = batch_size * seq_len
+    for start in range(0, len(ids) - n, n):
+        chunk = ids[start: start + n + 1]
+        yield chunk[:-1].view(batch_size, seq_len), chunk[1:].view(batch_size, seq_len)  # (B, S) each
+
+
+def width_config(width: int, vocab_size: int = 268, num_hidden_layers: int = 2):
+    """A K2-shaped miniature of a given width: head dims fixed (32 + 16 rope), width/32 heads, one dense
+    layer then MoE layers of 8 experts top-2 plus a shared expert; FFNs scale with the width as in tiny()."""
+    if width < 32 or width % 32:
+        raise ValueError(f"width must be a positive multiple of 32, got {width}")
+    return mla.ModelConfig.tiny(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=num_hidden_layers,
+                                num_attention_heads=width // 32, q_lora_rank=3 * width // 4, kv_lora_rank=width // 2,
+                                intermediate_size=21 * width // 8, moe_intermediate_size=width // 4,
+                                n_routed_experts=8, num_experts_per_tok=2)
+
+
 # ---- One training run, instrumented ----
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.1, tau: float = 100.0,
@@ -430,18 +478,29 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def train_run(cfg, opt_name: str, lr: float, steps: int, batch_size: int, seq_len: int, seed: int,
               weight_decay: float = 0.1, tau: float = 100.0, adamw_lr: float | None = None, progress=None,
-              label: str = "") -> dict:
-    """Train a fresh `Transformer(cfg)` from seed; return per-step losses, S_max, clip fractions, timings."""
+              label: str = "", data=None, val: torch.Tensor | None = None, eval_every: int = 0,
+              record_s_max: bool = True) -> dict:
+    """Train a fresh `Transformer(cfg)` from seed; return per-step losses, S_max, clip fractions, timings.
+
+    data: an iterator of (idx, targets) batches (default: the toy language); val: held-out sequences
+    (N, seq_len + 1), whose mean loss is measured every `eval_every` steps and after the last one, into
+    out["val"] as (tokens seen, loss) pairs, and at the same steps the RMS of the hidden matrices' update per
+    unit lr into out["update_rms"]. record_s_max=False skips the per-head logit recording of
+    AdamW runs (Muon runs always record it: MuonClip measures S_max even with the clip off).
+    """
     torch.manual_seed(seed)
     model = mla.Transformer(cfg)
     opt = make_optimizer(model, opt_name, lr, weight_decay, tau, adamw_lr)
-    set_record_s_max(model, True)  # AdamW runs record too, for the curves
+    set_record_s_max(model, record_s_max or opt_name != "adamw")
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
-    data = toy_batches(cfg.vocab_size, batch_size, seq_len, seed=seed + 1)
-    out = dict(loss=[], s_max=[], clip_frac=[], t_fb=0.0, t_opt=0.0)
+    data = toy_batches(cfg.vocab_size, batch_size, seq_len, seed=seed + 1) if data is None else data
+    out = dict(loss=[], s_max=[], clip_frac=[], val=[], update_rms=[], t_fb=0.0, t_opt=0.0)
+    hidden = [p for _, p in split_params(model)[0]]
     task = progress.add_task(label or f"{opt_name} lr={lr:g}", total=steps) if progress else None
     for step in range(steps):
+        if val is not None and eval_every and step % eval_every == 0:
+            out["val"].append((step * batch_size * seq_len, val_loss(model, val)))
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, steps, warmup=max(1, steps // 20))
         idx, targets = next(data)
@@ -450,24 +509,51 @@ def train_run(cfg, opt_name: str, lr: float, steps: int, batch_size: int, seq_le
         opt.zero_grad(set_to_none=True)
         res.loss.backward()
         t1 = time.perf_counter()
-        s_max = model.s_max().detach().clone()  # (L, H) recorded in this forward, before any clip
+        if record_s_max:
+            out["s_max"].append(model.s_max().detach().clone())  # (L, H) recorded in this forward, before any clip
+        measure = val is not None and eval_every and step % eval_every == 0
+        if measure:  # the hidden matrices' group is the first: AdamW's only group, MuonClip's Muon group
+            lr_h, before = opt.param_groups[0]["lr"], [p.detach().clone() for p in hidden]
         opt.step()
+        if measure:  # update u of W ← W(1 - lr·λ) - lr·u, per unit lr: RMS(u) (Moonlight's 0.2 target)
+            u = [(b * (1 - lr_h * weight_decay) - p.detach()) / lr_h for b, p in zip(before, hidden)]
+            out["update_rms"].append(sum(x.pow(2).mean().sqrt().item() for x in u) / len(u))
         t2 = time.perf_counter()
         if res.expert_load is not None:  # aux-loss-free balancing (chapter 1), identical for every optimizer
             mla.update_router_biases_(model, res.expert_load, cfg.bias_update_speed)
         out["t_fb"] += t1 - t0
         out["t_opt"] += t2 - t1
         out["loss"].append(res.loss.item())
-        out["s_max"].append(s_max)
         stats = getattr(opt, "clip_stats", None)
         out["clip_frac"].append(stats["frac_clipped"] if stats and opt.qk_clip else 0.0)
         if not math.isfinite(out["loss"][-1]):
             break
         if task is not None:
             progress.update(task, advance=1, description=f"{label} loss {out['loss'][-1]:.3f}")
-    out["s_max"] = torch.stack(out["s_max"])  # (steps, L, H)
+    if val is not None:
+        out["val"].append((len(out["loss"]) * batch_size * seq_len, val_loss(model, val)))
+    if record_s_max:
+        out["s_max"] = torch.stack(out["s_max"])  # (steps, L, H)
     out["model"], out["opt"] = model, opt
     return out
+
+
+@torch.no_grad()
+def val_loss(model: nn.Module, val: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy on held-out sequences val (N, S+1); nan/inf stay visible. The S_max
+    recording is paused, so evaluation never counts toward a training step's QK-Clip."""
+    recording = [m.record_s_max for m in _mla_modules(model)]
+    set_record_s_max(model, False)
+    model.eval()
+    total = 0.0
+    for i in range(0, len(val), batch_size):
+        chunk = val[i: i + batch_size]  # (b, S+1)
+        logits = model(chunk[:, :-1]).logits.float()  # (b, S, V)
+        total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+    model.train()
+    for m, flag in zip(_mla_modules(model), recording):
+        m.record_s_max = flag
+    return total / (val.numel() - len(val))
 
 
 def smooth(xs: list[float], beta: float = 0.9) -> list[float]:
@@ -479,83 +565,169 @@ def smooth(xs: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def tokens_to_reach(curve: list[float], target: float, tokens_per_step: int) -> float:
-    """Tokens until the smoothed curve first reaches `target` (linear interpolation); inf if never."""
-    for i, v in enumerate(curve):  # curve[i] = loss after i updates, i.e. after i·tokens_per_step tokens
+def tokens_to_reach(points: list[tuple[float, float]], target: float) -> float:
+    """Tokens at which a (tokens, loss) curve first reaches `target` (linear interpolation); inf if never."""
+    for i, (t, v) in enumerate(points):
         if v <= target:
             if i == 0:
-                return 0.0
-            frac = (curve[i - 1] - target) / max(curve[i - 1] - v, 1e-12)
-            return (i - 1 + frac) * tokens_per_step
+                return t
+            t0, v0 = points[i - 1]
+            return t0 + (t - t0) * (v0 - target) / max(v0 - v, 1e-12)
     return math.inf
 
 
-# ---- Demo 1: Muon vs AdamW, each at its best lr ----
+def token_ratio(muon: list[tuple[float, float]], adamw: list[tuple[float, float]]) -> tuple[float, str]:
+    """Muon's tokens to AdamW's final validation loss / AdamW's tokens (Moonlight's measure of efficiency).
+
+    -> (ratio, how). how = "reached": read off Muon's curve. When Muon never gets there, the ratio is
+    extrapolated by symmetry, how = "mirrored": AdamW reaches Muon's final loss after t tokens of its T,
+    so Muon is T/t (> 1) times slower.
+    """
+    T = adamw[-1][0]
+    t = tokens_to_reach(muon, adamw[-1][1])
+    if math.isfinite(t):
+        return t / T, "reached"
+    return T / max(tokens_to_reach(adamw, muon[-1][1]), 1.0), "mirrored"
+
+
+# ---- Demo 1: Muon vs AdamW across widths (Moonlight Fig. 3 in miniature) ----
+
+def sweep(width: int, seed: int, tokens: int, adamw_lrs: list[float], muon_lrs: list[float], batch_size: int,
+          seq_len: int, n_val: int = 64, n_evals: int = 20, log=print) -> dict:
+    """One (width, seed) cell of the comparison: each optimizer over its lr grid, on the same data and init.
+
+    Both sides: the same fresh text (each token seen once), warmup + cosine schedule, weight decay 0.1, betas
+    (0.9, 0.95), and the validation loss on the same held-out documents `n_evals` times per run. Grids are
+    given at width 64 and scaled by 64/width for both optimizers (wider matrices take smaller steps). The
+    Muon runs keep AdamW at the AdamW side's best lr for embeddings, head and norms, so the two sides differ
+    only in the optimizer of the hidden matrices.
+    """
+    cfg = width_config(width)
+    steps = tokens // (batch_size * seq_len)
+    if steps < n_evals:
+        raise ValueError(f"tokens: {tokens} gives {steps} steps of {batch_size}x{seq_len}, fewer than {n_evals}")
+    train = text_corpus(steps * batch_size * seq_len + 1, seed)
+    val = text_corpus(n_val * (seq_len + 1), seed=10**6 + seed).view(n_val, seq_len + 1)  # other documents
+    scale = 64 / width
+    cell = dict(width=width, seed=seed, tokens=steps * batch_size * seq_len, final={}, curves={}, best={})
+    for name, grid in (("adamw", adamw_lrs), ("muon", muon_lrs)):
+        for lr in (x * scale for x in grid):
+            t0 = time.perf_counter()
+            r = train_run(cfg, name, lr, steps, batch_size, seq_len, seed, adamw_lr=cell["best"].get("adamw"),
+                          data=stream_batches(train, batch_size, seq_len), val=val, eval_every=steps // n_evals,
+                          record_s_max=False)
+            cell["curves"][(name, lr)] = r["val"]
+            cell["final"][(name, lr)] = final = r["val"][-1][1] if math.isfinite(r["val"][-1][1]) else math.inf
+            cell.setdefault("params", sum(p.numel() for p in r["model"].parameters()))
+            rms = r["update_rms"][1:]  # after the first step (Adam's first update is sign(g), RMS 1)
+            log(f"width {width:4d} seed {seed}  {name:5s} lr {lr:.4g}: val loss {final:.4f}, hidden-matrix update "
+                f"RMS per unit lr {sum(rms) / max(len(rms), 1):.3f}  ({time.perf_counter() - t0:.0f} s)")
+        cell["best"][name] = min((lr for n, lr in cell["final"] if n == name), key=lambda lr: cell["final"][(name, lr)])
+        cell[f"{name}_edge"] = cell["best"][name] in (min(grid) * scale, max(grid) * scale)
+    cell["ratio"], cell["ratio_how"] = token_ratio(cell["curves"][("muon", cell["best"]["muon"])],
+                                                   cell["curves"][("adamw", cell["best"]["adamw"])])
+    return cell
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def fit_power_law(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares of log y = log c + k log x -> (c, k); y = c·x^k."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    var = sum((a - mx) ** 2 for a in lx)
+    k = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / var if var > 0 else 0.0
+    return math.exp(my - k * mx), k
+
 
 def demo_muon_vs_adamw(args, console: Console) -> dict:
-    cfg = mla.ModelConfig.tiny()
-    tokens_per_step = args.sweep_batch_size * args.seq_len
-    runs, final, best = {}, {}, {}
-    # AdamW first; the Muon runs then keep AdamW at its best lr for the embedding, head and norms, so the
-    # only difference between the two sides is the optimizer of the hidden matrices.
-    with Progress(console=console, transient=True) as progress:
-        for name, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
-            for lr in lrs:
-                runs[(name, lr)] = train_run(cfg, name, lr, args.steps, args.sweep_batch_size, args.seq_len, args.seed,
-                                             adamw_lr=best.get("adamw", (None, None))[1], progress=progress,
-                                             label=f"{name:5s} lr={lr:g}")
-                r = runs[(name, lr)]
-                final[(name, lr)] = smooth(r["loss"])[-1] if len(r["loss"]) == args.steps else math.inf
-            best[name] = min((k for k in runs if k[0] == name), key=final.get)
+    """Per width and seed a `sweep`; per width the token ratio over seeds, a power-law trend, a figure, JSON."""
+    cells = []
+    for width in args.widths:  # partial results print as they come: one line per run, one row per cell
+        for seed in args.seeds:
+            c = sweep(width, seed, args.tokens_per_width * width, args.adamw_lrs, args.muon_lrs,
+                      args.sweep_batch_size, args.sweep_seq_len, log=lambda s: console.print(s, highlight=False))
+            cells.append(c)
+            console.print(f"[bold]width {width} seed {seed}: best lr AdamW {c['best']['adamw']:.4g} -> "
+                          f"{c['final'][('adamw', c['best']['adamw'])]:.4f}, Muon {c['best']['muon']:.4g} -> "
+                          f"{c['final'][('muon', c['best']['muon'])]:.4f}; Muon tokens / AdamW tokens "
+                          f"= {c['ratio']:.3f} ({c['ratio_how']})[/]")
+            for name in ("adamw", "muon"):
+                if c[f"{name}_edge"]:
+                    console.print(f"[yellow]{name}: best lr at the edge of the grid; widen it[/]")
+    return report_muon_vs_adamw(cells, args, console)
 
-    table = Table(title=f"lr sweep: tiny K2, {args.steps} steps x {tokens_per_step} tokens, seed {args.seed}")
-    for col in ("optimizer", "lr", "final loss (EMA)", "best"):
+
+def report_muon_vs_adamw(cells: list[dict], args, console: Console) -> dict:
+    """The table, the power-law trend, the JSON summary and the figure from the sweeps' cells."""
+    rows = []
+    for width in args.widths:
+        cs = [c for c in cells if c["width"] == width]
+        mean, std = _mean_std([c["ratio"] for c in cs])
+        rows.append(dict(width=width, params=cs[0]["params"], tokens=cs[0]["tokens"], ratio_mean=mean, ratio_std=std,
+                         seeds=len(cs), ratios=[c["ratio"] for c in cs], how=[c["ratio_how"] for c in cs],
+                         adamw_final=_mean_std([c["final"][("adamw", c["best"]["adamw"])] for c in cs])[0],
+                         muon_final=_mean_std([c["final"][("muon", c["best"]["muon"])] for c in cs])[0],
+                         best_lr={n: [c["best"][n] for c in cs] for n in ("adamw", "muon")}))
+    table = Table(title=f"Muon vs AdamW: tokens Muon needs to reach AdamW's final validation loss, seeds "
+                        f"{','.join(map(str, args.seeds))} (Moonlight: ~0.52 at compute-optimal scale)")
+    for col in ("width", "params", "tokens", "best lr AdamW / Muon", "val loss AdamW", "val loss Muon",
+                "Muon / AdamW tokens", "per seed"):
         table.add_column(col, justify="right")
-    for (name, lr), v in final.items():
-        table.add_row(name, f"{lr:g}", f"{v:.4f}", "*" if best[name] == (name, lr) else "")
+    for r in rows:
+        lrs = " / ".join(",".join(f"{x:.3g}" for x in r["best_lr"][n]) for n in ("adamw", "muon"))
+        table.add_row(str(r["width"]), f"{r['params']:,}", f"{r['tokens']:,}", lrs, f"{r['adamw_final']:.4f}",
+                      f"{r['muon_final']:.4f}", f"{r['ratio_mean']:.3f} ± {r['ratio_std']:.3f}",
+                      " ".join(f"{x:.3f}" + ("*" if h == "mirrored" else "") for x, h in zip(r["ratios"], r["how"])))
     console.print(table)
-    for name, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
-        if len(lrs) > 1 and best[name][1] in (min(lrs), max(lrs)):  # the optimum may lie outside the grid
-            console.print(f"[yellow]{name}: best lr {best[name][1]:g} is at the edge of the sweep; widen it[/]")
-
-    adam, muon = (smooth(runs[best[n]]["loss"]) for n in ("adamw", "muon"))
-    adam_tokens = args.steps * tokens_per_step
-    muon_tokens = tokens_to_reach(muon, adam[-1], tokens_per_step)
-    ratio = muon_tokens / adam_tokens
-    # The other direction, for when Muon never gets there: tokens AdamW needs to reach Muon's final loss.
-    rev = tokens_to_reach(adam, muon[-1], tokens_per_step) / adam_tokens
-    ratio_txt = f"{ratio:.2f}" if math.isfinite(ratio) else "not reached"
-    table = Table(title="Muon vs AdamW at their best lr (same model init, data, tokens, schedule)")
-    for col in ("", "AdamW", "Muon"):
-        table.add_column(col, justify="right")
-    table.add_row("best lr", f"{best['adamw'][1]:g}", f"{best['muon'][1]:g}")
-    table.add_row("final loss (EMA)", f"{adam[-1]:.4f}", f"{muon[-1]:.4f}")
-    table.add_row("tokens to AdamW's final loss", f"{adam_tokens:,}",
-                  f"{muon_tokens:,.0f}" if math.isfinite(muon_tokens) else "not reached")
-    table.add_row("Muon tokens / AdamW tokens", "1.00", f"{ratio_txt} (Moonlight: ~0.52)")
-    table.add_row("AdamW tokens to Muon's final loss", "", f"{rev:.2f}x" if math.isfinite(rev) else "not reached")
-    console.print(table)
-
+    fit = None
+    if len(rows) > 1:
+        fit = fit_power_law([r["params"] for r in rows], [r["ratio_mean"] for r in rows])
+        console.print(f"trend: ratio ≈ {fit[0]:.3g}·params^{fit[1]:+.3f} (least squares over the {len(rows)} widths)")
+    if any(h == "mirrored" for r in rows for h in r["how"]):
+        console.print("* Muon never reached AdamW's final loss: ratio mirrored from AdamW's tokens to Muon's final loss")
+    summary = dict(widths=[{k: r[k] for k in ("width", "params", "ratio_mean", "ratio_std", "seeds", "tokens", "ratios")}
+                           for r in rows], fit=dict(c=fit[0], k=fit[1]) if fit else None)
+    if args.json:
+        _write_json(args.json, summary)
+        console.print(f"wrote {args.json}")
     if not args.no_figures:
-        plt = _pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        x = [i * tokens_per_step for i in range(args.steps)]
-        zoom_from = args.steps // 3  # right panel: zoom on the last two thirds
-        for ax, lo in zip(axes, (0, zoom_from)):
-            for name, curve, color in (("AdamW", adam, "tab:blue"), ("Muon", muon, "tab:red")):
-                ax.plot(x[lo: len(curve)], curve[lo:], color=color, label=f"{name} (best lr {best[name.lower()][1]:g})")
-            ax.axhline(adam[-1], color="gray", ls=":", lw=1)
-            if math.isfinite(muon_tokens) and muon_tokens >= x[lo]:
-                ax.axvline(muon_tokens, color="tab:red", ls=":", lw=1)
-            ax.set(xlabel="training tokens", ylabel="train loss (EMA)")
-            ax.legend()
-        axes[0].set_title("whole run")
-        axes[1].set_title("zoom")
-        fig.suptitle(f"Muon vs AdamW on the tiny K2 (seed {args.seed}): tokens to AdamW's final loss, "
-                     f"Muon / AdamW = {ratio_txt}", fontsize=10)
-        fig.tight_layout()
-        _save(fig, "figures/muon_vs_adamw.png", console)
-    return dict(ratio=ratio, reverse_ratio=rev, best=best, final=final)
+        _plot_muon_vs_adamw(cells, rows, fit, console)
+    return dict(cells=cells, rows=rows, fit=fit, summary=summary)
+
+
+def _plot_muon_vs_adamw(cells: list[dict], rows: list[dict], fit, console: Console) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(rows):
+        for c in (c for c in cells if c["width"] == r["width"]):
+            for name, ls in (("adamw", "--"), ("muon", "-")):
+                pts = c["curves"][(name, c["best"][name])][1:]
+                axes[0].plot([t for t, _ in pts], [v for _, v in pts], ls, color=colors[i % len(colors)], lw=1,
+                             label=f"width {r['width']} {'AdamW' if name == 'adamw' else 'Muon'}" if c["seed"] ==
+                             cells[0]["seed"] else None)
+    axes[0].set(xscale="log", xlabel="training tokens", ylabel="validation loss (held-out documents)",
+                title="each optimizer at its best lr (dashed AdamW, solid Muon; every seed)")
+    axes[0].legend(fontsize=8)
+    p = [r["params"] for r in rows]
+    axes[1].errorbar(p, [r["ratio_mean"] for r in rows], yerr=[r["ratio_std"] for r in rows], fmt="o", capsize=4,
+                     color="tab:red", label="mean ± std over seeds")
+    for r in rows:
+        axes[1].scatter([r["params"]] * len(r["ratios"]), r["ratios"], s=10, color="gray", zorder=3)
+    if fit:
+        xs = [min(p) * (max(p) / min(p)) ** (i / 20) for i in range(21)]
+        axes[1].plot(xs, [fit[0] * x ** fit[1] for x in xs], ":", color="tab:red", label=f"fit ∝ params^{fit[1]:+.2f}")
+    axes[1].axhline(1.0, color="gray", lw=1)
+    axes[1].axhline(0.52, color="tab:blue", ls="--", lw=1, label="Moonlight ~0.52")
+    axes[1].set(xscale="log", xlabel="parameters", ylabel="Muon tokens / AdamW tokens", ylim=(0, 1.2),
+                title="tokens to AdamW's final validation loss")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, "figures/muon_vs_adamw.png", console)
 
 
 # ---- Demo 2: logit explosion in miniature, and QK-Clip ----
@@ -667,20 +839,36 @@ def _save(fig, path: str, console: Console) -> None:
     console.print(f"wrote {path}")
 
 
+def _write_json(path: str, obj) -> None:
+    """Write atomically: a temp file beside the target, then rename."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--demo", choices=("all", "muon_vs_adamw", "qk_clip"), default=None,
                    help="which demo (unset: all, or none with --bench)")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed for model init and data")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="demo 2 and bench: seed for model init and data")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="demo 2 and bench: sequences per step")
-    p.add_argument("--sweep-batch-size", type=cli.positive_int, default=32,
-                   help="demo 1: sequences per step (large batches are Muon's regime)")
-    p.add_argument("--seq-len", type=cli.positive_int, default=64, help="tokens per sequence")
-    p.add_argument("--steps", type=cli.positive_int, default=100, help="demo 1: training steps per run")
-    p.add_argument("--adamw-lrs", type=cli.positive_float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3],
-                   help="demo 1: AdamW lr sweep")
-    p.add_argument("--muon-lrs", type=cli.positive_float, nargs="+", default=[1e-2, 2e-2, 4e-2, 8e-2],
-                   help="demo 1: Muon lr sweep (matrices; the rest keep AdamW's best lr)")
+    p.add_argument("--seq-len", type=cli.positive_int, default=64, help="demo 2 and bench: tokens per sequence")
+    p.add_argument("--widths", type=cli.positive_int_list, default=[32, 64],
+                   help="demo 1: model widths, multiples of 32 (e.g. 32,64,128)")
+    p.add_argument("--seeds", type=cli.nonneg_int_list, default=[0], help="demo 1: seeds, one sweep per width each")
+    p.add_argument("--tokens-per-width", type=cli.positive_int, default=2048,
+                   help="demo 1: training tokens per run = this x width (the budget grows with the model)")
+    p.add_argument("--sweep-batch-size", type=cli.positive_int, default=16, help="demo 1: sequences per step")
+    p.add_argument("--sweep-seq-len", type=cli.positive_int, default=128, help="demo 1: tokens per sequence")
+    p.add_argument("--adamw-lrs", type=cli.positive_float_list, default=[2e-3, 4e-3, 8e-3, 1.6e-2],
+                   help="demo 1: AdamW lr grid at width 64 (scaled by 64/width)")
+    p.add_argument("--muon-lrs", type=cli.positive_float_list, default=[8e-3, 1.6e-2, 3.2e-2, 6.4e-2],
+                   help="demo 1: Muon lr grid at width 64 (scaled by 64/width; the rest keep AdamW's best lr)")
+    p.add_argument("--json", type=cli.out_file, default=None, help="demo 1: write the per-width summary here")
     p.add_argument("--clip-steps", type=cli.positive_int, default=600, help="demo 2: training steps per run")
     p.add_argument("--clip-lr", type=cli.positive_float, default=3e-2, help="demo 2: (high) lr for both runs")
     p.add_argument("--clip-wd", type=cli.nonneg_float, default=0.1,
@@ -700,6 +888,11 @@ def main(argv=None) -> None:
         except argparse.ArgumentTypeError as err:
             p.error(f"figures/ cannot be written ({err}); pass --no-figures")
     demo = args.demo or ("none" if args.bench else "all")
+    for w in args.widths if demo in ("all", "muon_vs_adamw") else ():
+        try:
+            width_config(w)
+        except ValueError as err:
+            cli.flag_error(p, err, {"width": "--widths"})
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 110)
     if demo in ("all", "muon_vs_adamw"):

@@ -22,8 +22,11 @@ Design choices
 - The knowledge world is synthetic, so fidelity is exact: parse the facts out of a rewrite and compare
   them with the source (every fact present, nothing contradicted). A rewriter is any callable
   `rewriter(chunk, context=..., style=...) -> str`: the offline template paraphraser here, or any LM.
-- The experiment follows "Physics of Language Models 3.1": QA format is taught on some entities and tested
-  on the others, so the model must extract knowledge from documents, not recall QA text.
+- The experiment follows "Physics of Language Models 3.1": QA format is taught on some people and tested
+  on the others, so the model must extract knowledge from documents, not recall QA text. The raw text is
+  one fixed biography per person (name once, then "This person", facts always in the same order), so a fact
+  can be memorised tied to the fact before it; rewrites vary style and order and name the person in each
+  sentence, which is what lets the knowledge attach to the name (their bioS single vs multi+permute).
 - The tool-use "expert" is scripted and knows the plan, but makes the mistakes models make (bad JSON,
   wrong argument types, unknown tools, giving up after a transient failure, arithmetic slips); errors
   come back as schema-validated tool messages, and the judge decides what is kept.
@@ -39,12 +42,10 @@ Simplified vs K2
 - Sandbox: K2 runs Kubernetes-scale containers; ours is one process tree on one machine.
 - Experiment (Table 1 in miniature): keeps the three curricula at equal training tokens, the fidelity-checked
   chunk-wise rewrites, and a closed-book QA test on people whose QA never appears in training. Drops: real
-  text and SimpleQA (160 synthetic people x 1 attribute, their hometown, one of 8 cities; chance 12.5%),
-  model size (chapter 2's tiny K2 with 8 experts top-2, 0.83M parameters), and N's meaning (each curriculum
-  is repeated --repeat times, so a fact is seen N x repeat = 100 times: with 40 it is not even memorised).
-  Following Physics of LM 3.1, every sentence names its person and the training people's QA is mixed into
-  pretraining, the same for every arm. Deterministic for a fixed --seeds and --threads. At this size the
-  report's ordering does not appear (over 3 seeds raw is best on held-out people; README has the numbers).
+  text and SimpleQA (32 synthetic people x 4 facts, each one of 8 values; chance 12.5%), model size (chapter
+  2's tiny K2 with 2 layers and 8 experts top-2, 0.46M parameters, trained with chapter 3's MuonClip), and
+  N = 100 instead of 10 so that every arm memorises what it reads. Deterministic for fixed --seeds and --threads.
+  RESULT_PLACEHOLDER
 
 References
 - Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.2 (rephrasing, Table 1), §3.1.1 (agentic data).
@@ -54,7 +55,8 @@ References
 Run:
     python 05_data.py --help
     python 05_data.py                          # pipeline counts + one trajectory (5-10 s on 2 cores)
-    python 05_data.py --rephrase-experiment    # Table 1 in miniature (a few minutes on 2 CPU cores)
+    python 05_data.py --rephrase-experiment    # Table 1 in miniature, 1 seed (about 4 min on 2 CPU cores)
+    python 05_data.py --rephrase-experiment --seeds 0,1,2 --json rephrase.json   # README's table
     python 05_data.py --sandbox-demo           # + hostile programs through the sandbox, pool throughput
 """
 
@@ -64,12 +66,13 @@ import argparse
 import ast
 import importlib
 import json
-import math
 import os
 import random
 import re
+import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -1141,64 +1144,57 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 # ---- the rephrasing experiment (K2 Table 1 in miniature) ----
 
-REPORT_TABLE1 = {"raw": 23.76, "one_rephrasing": 27.39, "n_rephrasings": 28.94}  # SimpleQA, K2 §2.2 Table 1
+ARMS = {"raw": "raw text x N epochs", "one": "1 rephrasing x N epochs", "many": "N rephrasings x 1 epoch"}
+REPORT_TABLE1 = {"raw": 23.76, "one": 27.39, "many": 28.94}  # SimpleQA, K2 §2.2 Table 1
 
 
-def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats: dict,
-                      error_rate: float = 0.1, chunk_chars: int = 120, back_ref_prob: float = 0.7) -> str:
+def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats: Counter,
+                      error_rate: float = 0.1, chunk_chars: int = 120, back_ref_prob: float = 0.0) -> str:
     """One accepted rephrasing of `doc` in a random style (retrying with fresh draws when rejected)."""
     for _ in range(50):
         rw = TemplateParaphraser(world, seed=rng.randrange(2**31), error_rate=error_rate, back_ref_prob=back_ref_prob)
         res = rephrase_chunkwise(doc, rw, style=rng.choice(sorted(STYLES)), chunk_chars=chunk_chars,
                                  check=world.fidelity)
-        stats["chunks"] = stats.get("chunks", 0) + len(res.rewrites)
-        stats["attempts"] = stats.get("attempts", 0) + res.attempts
-        for k, v in res.rejected.items():
-            stats[k] = stats.get(k, 0) + v
+        stats.update({"chunks": len(res.rewrites), "attempts": res.attempts, **res.rejected})
         if res.text is not None:
             return res.text
-        stats["documents dropped"] = stats.get("documents dropped", 0) + 1
+        stats["documents dropped"] += 1
     raise RuntimeError(f"no rephrasing of {doc[:40]!r}... passed the fidelity check in 50 tries")
 
 
-def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0, repeat: int = 1, qa_fraction: float = 0.5,
-                          full_names: bool = False):
-    """Three training curricula over the same world. Each is a list of epochs, each epoch a list of documents:
-    raw x n*repeat epochs, one rephrasing x n*repeat epochs, n rephrasings x repeat epochs each.
-    (repeat > 1 buys a tiny model the exposures it needs to memorise anything; the report's N is n.)
+def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0):
+    """The three curricula of Table 1, each a list of epochs (an epoch: one biography per person + the QA lines).
 
-    QA lines are taught on a qa_fraction of the entities ("format" entities) in every arm; the rest is held out:
-    their knowledge is only in the biographies, so answering needs extraction, not QA recall. The QA lines are
-    mixed into pretraining (Physics of LM 3.1's "mixed training"). full_names: every sentence of the raw
-    biography and of its rewrites names the person (the same for every arm).
+    raw: the fixed biography x n epochs (name once, then "This person", attributes always in the same order:
+    Physics of LM 3.1's bioS single); one: a single rephrasing per person x n; many: n rephrasings x 1 each.
+    A rephrasing is chunk-wise and fidelity-checked, in a random style, with the facts of each chunk in a new
+    order and the full name in every sentence (the augmentations of Physics of LM 3.1).
+    QA lines are taught on half of the people ("format" people) in every arm; the other half is held out:
+    their knowledge is only in the biographies, so answering needs extraction, not QA recall.
     """
     rng = random.Random(seed)
     ents = list(world.entities)
     rng.shuffle(ents)
-    if not 0 < qa_fraction < 1:
-        raise ValueError(f"qa_fraction: must be in (0, 1), got {qa_fraction}")
-    k = round(len(ents) * qa_fraction)
-    fmt, held_out = ents[:k], ents[k:]
+    fmt, held_out = ents[: len(ents) // 2], ents[len(ents) // 2:]
     qa_docs = ["".join(world.qa(e, a)) for e in fmt for a in world.attributes]
-    stats: dict = {}
-    raw = [world.raw_document(e, full_names) for e in world.entities]
-    p_ref = 0.0 if full_names else 0.7
-    rephrasings = [[rephrase_document(world, d, rng, stats, back_ref_prob=p_ref) for d in raw] for _ in range(n)]
-    arms = {"raw": [raw] * (n * repeat), "one_rephrasing": [rephrasings[0]] * (n * repeat),
-            "n_rephrasings": rephrasings * repeat}
-    arms = {k: [bios + qa_docs for bios in epochs] for k, epochs in arms.items()}
-    return arms, fmt, held_out, stats
+    raw = [world.raw_document(e) for e in world.entities]
+    stats: Counter = Counter()
+    rephrasings = [[rephrase_document(world, d, rng, stats) for d in raw] for _ in range(n)]
+    arms = {"raw": [raw] * n, "one": [rephrasings[0]] * n, "many": rephrasings}
+    return {k: [bios + qa_docs for bios in epochs] for k, epochs in arms.items()}, fmt, held_out, stats
 
 
-def token_stream(epochs: list[list[str]], tok: Tokenizer, seed: int) -> list[int]:
-    """Shuffle documents within each epoch (an unshuffled stream is a known way to get ~0 QA accuracy)."""
-    rng, ids = random.Random(seed), []
-    for docs in epochs:
-        docs = docs[:]
+def token_stream(epochs: list[list[str]], tok: Tokenizer, seed: int, n_tokens: int | None = None) -> list[int]:
+    """The epochs in order, documents shuffled within each (an unshuffled stream is a known way to get ~0 QA
+    accuracy); cycled until n_tokens (None: one pass), so arms of shorter documents get equal tokens."""
+    rng, ids, i = random.Random(seed), [], 0
+    while (n_tokens is None and i < len(epochs)) or (n_tokens is not None and len(ids) < n_tokens):
+        docs = epochs[i % len(epochs)][:]
         rng.shuffle(docs)
         for d in docs:
             ids += [tok.bos_id] + tok.encode(d) + [tok.eos_id]
-    return ids
+        i += 1
+    return ids if n_tokens is None else ids[:n_tokens]
 
 
 @torch.no_grad()
@@ -1227,43 +1223,46 @@ def qa_accuracy(model, world: KnowledgeWorld, entities, tok: Tokenizer, batch_si
     return correct / (len(items) // n_vals)
 
 
-def train_arm(stream: list[int], steps: int, cfg, seq_len: int, batch_size: int, lr: float, seed: int,
-              progress=None, task=None):
-    """Train a fresh tiny K2 (chapter 2) on the first steps*batch_size*seq_len tokens of `stream`."""
-    mla = importlib.import_module("02_mla")
+def run_arm(world: KnowledgeWorld, arm: str, epochs, fmt, held_out, n_tokens: int, cfg, seed: int, seq_len: int,
+            batch_size: int, lr: float, adamw_lr: float, progress=None, task=None) -> dict:
+    """One arm of one seed: a fresh tiny K2 (chapter 2) trained on the arm's stream cut (or cycled) to n_tokens
+    with K2's optimizer, MuonClip (chapter 3: Muon at `lr` for the hidden matrices, AdamW at `adamw_lr` for the
+    rest, QK-Clip at tau = 100) and chapter 3's warmup + cosine schedule; then closed-book QA."""
+    mla, mc = importlib.import_module("02_mla"), importlib.import_module("03_muonclip")
+    tok = Tokenizer()
+    steps = (n_tokens - 1) // (batch_size * seq_len)
+    data = torch.tensor(token_stream(epochs, tok, seed, n_tokens))
     torch.manual_seed(seed)
     model = mla.Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    data = torch.tensor(stream[: steps * batch_size * seq_len + 1])
-    warmup = max(1, steps // 20)
+    opt = mc.MuonClip(model, lr=lr, adamw_lr=adamw_lr)
+    base = [g["lr"] for g in opt.param_groups]
     losses = []
     for step in range(steps):
-        frac = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup)
-                                                                                  / max(1, steps - warmup)))
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, frac)
-        start = step * batch_size * seq_len
-        chunk = data[start: start + batch_size * seq_len + 1]
-        x, y = chunk[:-1].view(batch_size, seq_len), chunk[1:].view(batch_size, seq_len)  # (B, S) each
-        out = model(x, targets=y)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        for g, lr0 in zip(opt.param_groups, base):
+            g["lr"] = lr0 * mc.lr_factor(step, steps, warmup=max(1, steps // 20))
+        chunk = data[step * batch_size * seq_len:][: batch_size * seq_len + 1]
+        out = model(chunk[:-1].view(batch_size, seq_len), targets=chunk[1:].view(batch_size, seq_len))  # (B, S)
         opt.zero_grad(set_to_none=True)
-        if getattr(out, "expert_load", None) is not None and hasattr(mla, "update_router_biases_"):
+        out.loss.backward()
+        opt.step()
+        if out.expert_load is not None:  # aux-loss-free balancing (chapter 1)
             mla.update_router_biases_(model, out.expert_load, cfg.bias_update_speed)
         losses.append(out.loss.item())
         if progress is not None:
             progress.advance(task)
-    return model, sum(losses[-10:]) / len(losses[-10:])
+    return {"seed": seed, "arm": arm, "tokens": steps * batch_size * seq_len, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "held_out_questions": len(held_out) * len(world.attributes),
+            "params": sum(p.numel() for p in model.parameters()),
+            "acc_held_out": qa_accuracy(model, world, held_out, tok), "acc_format": qa_accuracy(model, world, fmt, tok)}
 
 
-def rephrase_experiment(n_entities: int = 160, n: int = 10, repeat: int = 10, qa_fraction: float = 0.5,
-                        seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, seeds=(0,),
-                        console=None, n_attributes: int = 1, full_names: bool = True, n_routed_experts: int = 8,
-                        num_experts_per_tok: int = 2, threads: int = 1) -> list[dict]:
-    """K2 Table 1 in miniature: equal training tokens; raw x N epochs vs one rephrasing x N vs N rephrasings x 1.
+def rephrase_experiment(n_entities: int = 32, n: int = 100, seq_len: int = 128,
+                        batch_size: int = 16, lr: float = 8e-3, adamw_lr: float = 3e-3, seeds=(0,), console=None,
+                        num_hidden_layers: int = 2, n_routed_experts: int = 8, num_experts_per_tok: int = 2,
+                        threads: int = 1) -> list[dict]:
+    """K2 Table 1 in miniature: raw x N epochs vs one rephrasing x N vs N rephrasings x 1, at equal tokens.
 
+    The token budget is the longest arm's (N rephrasings, one pass); the others cycle their epochs up to it.
     Deterministic for a fixed seed and thread count: every generator is seeded, and torch runs on exactly
     `threads` intra-op threads (a CPU matmul's reduction order, hence its last bits, depends on the count).
     """
@@ -1271,25 +1270,36 @@ def rephrase_experiment(n_entities: int = 160, n: int = 10, repeat: int = 10, qa
     mla = importlib.import_module("02_mla")  # lazily: chapter 5 stays standalone otherwise
     torch.set_num_threads(threads)
     tok = Tokenizer()
-    cfg = mla.ModelConfig.tiny(vocab_size=tok.vocab_size, n_routed_experts=n_routed_experts,
-                               num_experts_per_tok=num_experts_per_tok)
+    cfg = mla.ModelConfig.tiny(vocab_size=tok.vocab_size, num_hidden_layers=num_hidden_layers,
+                               n_routed_experts=n_routed_experts, num_experts_per_tok=num_experts_per_tok)
     rows = []
     for seed in seeds:
-        world = KnowledgeWorld(n_entities, seed=seed, n_attributes=n_attributes)
-        arms, fmt, held_out, stats = build_experiment_arms(world, n, seed, repeat, qa_fraction, full_names)
-        streams = {k: token_stream(v, tok, seed) for k, v in arms.items()}
-        steps = (min(map(len, streams.values())) - 1) // (batch_size * seq_len)  # equal tokens for every arm
+        world = KnowledgeWorld(n_entities, seed=seed)
+        arms, fmt, held_out, stats = build_experiment_arms(world, n, seed)
+        n_tokens = max(len(token_stream(epochs, tok, seed)) for epochs in arms.values())
         with Progress(console=console, transient=True) as progress:
-            for k, stream in streams.items():
-                task = progress.add_task(f"seed {seed}: {k}", total=steps)
-                model, loss = train_arm(stream, steps, cfg, seq_len, batch_size, lr, seed, progress, task)
-                rows.append({"seed": seed, "arm": k, "tokens": steps * batch_size * seq_len, "steps": steps,
-                             "held_out_questions": len(held_out) * n_attributes, "params": sum(
-                                 p.numel() for p in model.parameters()),
-                             "stream_tokens": len(stream), "final_loss": loss,
-                             "acc_held_out": qa_accuracy(model, world, held_out, tok),
-                             "acc_format": qa_accuracy(model, world, fmt, tok), "rephrase_stats": stats})
+            for arm, epochs in arms.items():
+                task = progress.add_task(f"seed {seed}: {arm}", total=(n_tokens - 1) // (batch_size * seq_len))
+                r = run_arm(world, arm, epochs, fmt, held_out, n_tokens, cfg, seed, seq_len, batch_size, lr, adamw_lr,
+                            progress, task)
+                rows.append({**r, "rephrase_stats": stats})
+                if console is not None:
+                    console.print(f"seed {seed} {ARMS[arm]:24s} held-out {100 * r['acc_held_out']:5.1f}%  "
+                                  f"format {100 * r['acc_format']:5.1f}%  final loss {r['final_loss']:.3f}",
+                                  highlight=False)
     return rows
+
+
+def experiment_summary(rows: list[dict]) -> dict:
+    """Per arm: mean and std over seeds of held-out and format-people accuracy (%), seeds, train tokens."""
+    out = {}
+    for arm in ARMS:
+        rs = [r for r in rows if r["arm"] == arm]
+        held = [100 * r["acc_held_out"] for r in rs]
+        out[arm] = dict(heldout_mean=statistics.mean(held), heldout_std=statistics.stdev(held) if len(held) > 1 else 0.0,
+                        format_mean=sum(100 * r["acc_format"] for r in rs) / len(rs),
+                        seeds=len(rs), train_tokens=rs[0]["tokens"], heldout=held)
+    return {"arms": out}
 
 
 # ---- demo ----
@@ -1350,32 +1360,27 @@ def main(argv=None):
     p.add_argument("--sandbox-demo", action="store_true", help="also run hostile programs through the sandbox")
     p.add_argument("--rephrase-experiment", action="store_true",
                    help="run only K2 Table 1 in miniature (minutes), not the pipeline demo")
-    p.add_argument("--entities", type=cli.positive_int, default=160, help="experiment: people in the knowledge world")
-    p.add_argument("--attributes", type=cli.positive_int, choices=range(1, len(ATTRIBUTES) + 1), default=1,
-                   metavar=f"{{1..{len(ATTRIBUTES)}}}", help="experiment: attributes per person")
-    p.add_argument("--no-full-names", action="store_true",
-                   help="experiment: biographies name a person once, then 'This person' (unset: every sentence)")
-    p.add_argument("--n", type=cli.positive_int, default=10,
-                   help="experiment: N (epochs of raw / number of rephrasings)")
-    p.add_argument("--repeat", type=cli.positive_int, default=10,
-                   help="experiment: repeat each curriculum (exposures = N*repeat)")
+    p.add_argument("--entities", type=cli.positive_int, default=32,
+                   help="experiment: people in the knowledge world (4 facts each; half of them held out)")
+    p.add_argument("--n", type=cli.positive_int, default=100,
+                   help="experiment: N (epochs of raw and of one rephrasing, number of rephrasings)")
+    p.add_argument("--layers", type=cli.positive_int, default=2, help="experiment: layers of the tiny K2 model")
     p.add_argument("--experts", type=cli.positive_int, default=8, help="experiment: routed experts of the tiny K2 model")
     p.add_argument("--top-k", type=cli.positive_int, default=2, help="experiment: experts per token")
     p.add_argument("--threads", type=cli.positive_int, default=1,
                    help="experiment: torch intra-op threads (results depend on it)")
-    p.add_argument("--qa-fraction", type=cli.fraction, default=0.5,
-                   help="experiment: share of entities with QA lines, in (0, 1)")
     p.add_argument("--seeds", type=cli.nonneg_int_list, default=[0],
                    help="experiment: comma-separated seeds, one run of every arm per seed")
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="experiment: sequences per step")
     p.add_argument("--seq-len", type=cli.positive_int, default=128, help="experiment: tokens per sequence")
-    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="experiment: peak AdamW learning rate")
+    p.add_argument("--lr", type=cli.positive_float, default=8e-3, help="experiment: peak Muon lr (hidden matrices)")
+    p.add_argument("--adamw-lr", type=cli.positive_float, default=3e-3,
+                   help="experiment: peak AdamW lr (embeddings, head, norms)")
+    p.add_argument("--json", type=cli.out_file, default=None, help="experiment: write the per-arm summary here")
     args = p.parse_args(argv)
     if args.rephrase_experiment:  # the configuration is checked before minutes of rephrasing and training
-        k = round(args.entities * args.qa_fraction)
-        if not 0 < k < args.entities:
-            p.error(f"argument --qa-fraction: {args.qa_fraction} of {args.entities} entities leaves no "
-                    f"{'QA-format' if k == 0 else 'held-out'} entity")
+        if args.entities < 2:
+            p.error("argument --entities: needs at least 2 people (half QA-format, half held out)")
         if args.out or args.sandbox_demo:
             p.error(f"argument {'--out' if args.out else '--sandbox-demo'}: belongs to the pipeline demo, "
                     "not --rephrase-experiment")
@@ -1389,10 +1394,15 @@ def main(argv=None):
     console, tok = Console(width=None if sys.stdout.isatty() else 120), Tokenizer()
     if args.rephrase_experiment:
         t0 = time.time()
-        rows = rephrase_experiment(args.entities, args.n, args.repeat, args.qa_fraction, args.seq_len,
-                                   args.batch_size, args.lr, tuple(args.seeds), console, args.attributes,
-                                   not args.no_full_names, args.experts, args.top_k, args.threads)
+        rows = rephrase_experiment(args.entities, args.n, args.seq_len, args.batch_size, args.lr,
+                                   args.adamw_lr, tuple(args.seeds), console, args.layers, args.experts, args.top_k,
+                                   args.threads)
         _print_experiment(console, rows, args)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:  # atomic: temp file + rename
+                json.dump(experiment_summary(rows), f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+            console.print(f"wrote {args.json}")
         console.print(f"done in {time.time() - t0:.0f} s")
         return
     t0 = time.time()
@@ -1441,31 +1451,23 @@ def main(argv=None):
     console.print(f"done in {time.time() - t0:.1f} s")
 
 
-def _mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
 def _print_experiment(console, rows: list[dict], args) -> None:
     from rich.table import Table
-    names = {"raw": "raw text x N epochs", "one_rephrasing": "1 rephrasing x N epochs",
-             "n_rephrasings": "N rephrasings x 1 epoch"}
-    r0 = rows[0]
-    t = Table(title=f"Rephrasing experiment: {args.entities} people x {args.attributes} attributes "
-                    f"({r0['held_out_questions']} held-out questions), N={args.n}, repeat={args.repeat}, "
-                    f"{r0['params'] / 1e6:.2f}M params, {args.threads} thread(s), seeds {args.seeds}; "
-                    f"chance = {100 / 8:.1f}%")
-    for col in ("curriculum", "train tokens", "final loss", "QA acc, held-out entities %",
-                "QA acc, format entities %", "K2 Table 1 (SimpleQA)"):
+    r0, summary = rows[0], experiment_summary(rows)["arms"]
+    t = Table(title=f"Rephrasing experiment: {args.entities} people x {len(ATTRIBUTES)} facts "
+                    f"({r0['held_out_questions']} held-out questions), N={args.n}, {r0['params'] / 1e6:.2f}M params, "
+                    f"{args.threads} thread(s), seeds {','.join(map(str, args.seeds))}; chance = {100 / 8:.1f}%")
+    for col in ("curriculum", "train tokens", "QA acc, held-out people %", "QA acc, format people %",
+                "K2 Table 1 (SimpleQA)"):
         t.add_column(col)
-    for arm, label in names.items():
-        rs = [r for r in rows if r["arm"] == arm]
-        accs = " / ".join(f"{100 * r['acc_held_out']:.1f}" for r in rs)
-        t.add_row(label, str(rs[0]["tokens"]), f"{_mean(rs, 'final_loss'):.3f}",
-                  f"{100 * _mean(rs, 'acc_held_out'):.1f}" + (f" ({accs})" if len(rs) > 1 else ""),
-                  f"{100 * _mean(rs, 'acc_format'):.1f}", f"{REPORT_TABLE1[arm]:.2f}")
+    for arm, label in ARMS.items():
+        s = summary[arm]
+        per_seed = f" ({' / '.join(f'{x:.1f}' for x in s['heldout'])})" if s["seeds"] > 1 else ""
+        t.add_row(label, str(s["train_tokens"]), f"{s['heldout_mean']:.1f} ± {s['heldout_std']:.1f}{per_seed}",
+                  f"{s['format_mean']:.1f}", f"{REPORT_TABLE1[arm]:.2f}")
     console.print(t)
-    st = rows[0]["rephrase_stats"]
-    console.print(f"rephrasing (seed {rows[0]['seed']}): {st.get('attempts', 0)} chunk rewrites attempted, "
+    st = r0["rephrase_stats"]
+    console.print(f"rephrasing (seed {r0['seed']}): {st.get('attempts', 0)} chunk rewrites attempted, "
                   f"{st.get('chunks', 0)} accepted; rejected: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(st.items()) if k not in ("attempts", "chunks")))
 

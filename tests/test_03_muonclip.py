@@ -346,9 +346,38 @@ def test_toy_language_is_seeded_and_quotes_itself():
         next(mc.toy_batches(16, 2, 8, seed=0, n_symbols=32))
 
 
-def test_tokens_to_reach_interpolates():
-    assert mc.tokens_to_reach([4.0, 3.0, 2.0, 1.0], 2.5, tokens_per_step=10) == pytest.approx(15.0)
-    assert mc.tokens_to_reach([4.0, 3.0], 1.0, tokens_per_step=10) == math.inf
+def test_tokens_to_reach_and_token_ratio():
+    assert mc.tokens_to_reach([(0, 4.0), (10, 3.0), (20, 2.0)], 2.5) == pytest.approx(15.0)
+    assert mc.tokens_to_reach([(0, 4.0), (10, 3.0)], 1.0) == math.inf
+    adamw = [(0, 4.0), (50, 3.0), (100, 2.0)]
+    assert mc.token_ratio([(0, 4.0), (50, 2.0), (100, 1.5)], adamw) == (pytest.approx(0.5), "reached")
+    # Muon never reaches 2.0; AdamW reaches Muon's final 3.0 after 50 of its 100 tokens -> Muon 2x slower
+    assert mc.token_ratio([(0, 4.0), (50, 3.5), (100, 3.0)], adamw) == (pytest.approx(2.0), "mirrored")
+
+
+def test_text_corpus_is_seeded_and_streamed_once():
+    a, b, c = mc.text_corpus(3000, seed=1), mc.text_corpus(3000, seed=1), mc.text_corpus(3000, seed=2)
+    assert a.shape == (3000,) and torch.equal(a, b) and not torch.equal(a, c)
+    batches = list(mc.stream_batches(a, batch_size=2, seq_len=100))
+    assert len(batches) == 14 and torch.equal(torch.cat([x.flatten() for x, _ in batches]), a[:2800])
+    assert all(torch.equal(x.flatten()[1:], y.flatten()[:-1]) for x, y in batches)  # targets = next tokens
+    assert mc.width_config(64).num_attention_heads == 2
+    with pytest.raises(ValueError, match="width"):
+        mc.width_config(48)
+
+
+def test_sweep_treats_both_optimizers_alike_and_is_bit_identical():
+    """The comparison's fairness: both sides train on the same tokens with the same evaluation points, their
+    grids are scaled by the same 64/width, and the Muon runs use the AdamW side's best lr for the rest.
+    A micro sweep reruns bit-identically."""
+    kw = dict(width=32, seed=0, tokens=6 * 4 * 16, adamw_lrs=[1e-3, 4e-3], muon_lrs=[4e-3, 1.6e-2], batch_size=4,
+              seq_len=16, n_val=2, n_evals=3, log=lambda s: None)
+    a, b = mc.sweep(**kw), mc.sweep(**kw)
+    assert a["final"] == b["final"] and a["ratio"] == b["ratio"]
+    assert set(a["final"]) == {("adamw", 2e-3), ("adamw", 8e-3), ("muon", 8e-3), ("muon", 3.2e-2)}  # x 64/32
+    xs = {tuple(t for t, _ in curve) for curve in a["curves"].values()}
+    assert xs == {(0, 128, 256, 384)}  # every run: the same tokens, evaluated at the same points
+    assert a["best"]["adamw"] in (2e-3, 8e-3) and math.isfinite(a["ratio"]) and a["ratio"] > 0
 
 
 def test_demo_arms_share_adamw_settings_schedule_and_no_clip():

@@ -1,5 +1,6 @@
 """Chapter 5: tokenizer, chat template, corpora, chunk-wise rephrasing, agentic synthesis (the sandbox: test_sandbox.py)."""
 
+import itertools
 import json
 import random
 
@@ -94,9 +95,12 @@ def test_held_out_questions_never_in_training_and_qa_only_on_format_entities():
             assert e.name in corpus  # ... but their biographies are there
         for e in fmt:
             assert "".join(world.qa(e, "pet")) in corpus
-    # one rephrasing x N repeats the same documents; N rephrasings are N different versions
-    assert arms["one_rephrasing"][0] == arms["one_rephrasing"][2]
-    assert arms["n_rephrasings"][0] != arms["n_rephrasings"][1]
+    # raw: the one fixed biography (name once, then "This person"); one rephrasing x N repeats the same
+    # documents; N rephrasings are N different versions, which name the person instead of "This person"
+    assert arms["raw"][0][0] == world.raw_document(world.entities[0]) and "This person" in arms["raw"][0][0]
+    assert arms["one"][0] == arms["one"][2] != arms["raw"][0]
+    assert arms["many"][0] != arms["many"][1]
+    assert not any("This person" in doc or "Same person" in doc for docs in arms["many"] for doc in docs)
 
 
 def test_math_learning_notes_keep_every_step():
@@ -279,31 +283,22 @@ def test_chapter_re_exports_the_sandbox():
 
 # ---- the experiment's training loop (smoke) ----
 
-@pytest.mark.slow
-def test_experiment_training_loop_smoke():
-    try:
-        mla = load("02_mla")
-    except Exception as e:  # chapter 2 is a separate chapter; its own tests cover it
-        pytest.skip(f"02_mla not importable: {e}")
-    import dataclasses
+def test_token_stream_shuffles_epochs_and_cycles_to_equal_tokens():
     tok = d.Tokenizer()
-    world = d.KnowledgeWorld(4, seed=0)
-    arms, fmt, held_out, _ = d.build_experiment_arms(world, n=2, seed=0)
-    stream = d.token_stream(arms["n_rephrasings"], tok, seed=0)
-    assert stream.count(tok.bos_id) == sum(len(e) for e in arms["n_rephrasings"])
-    cfg = dataclasses.replace(mla.ModelConfig.tiny(), vocab_size=tok.vocab_size)
-    model, loss = d.train_arm(stream, steps=2, cfg=cfg, seq_len=32, batch_size=2, lr=1e-3, seed=0)
-    assert loss > 0 and 0.0 <= d.qa_accuracy(model, world, held_out[:1], tok) <= 1.0
+    epochs = [["a b", "c d", "e f"], ["g h", "i j", "k l"]]
+    one_pass = d.token_stream(epochs, tok, seed=0)
+    assert one_pass.count(tok.bos_id) == 6 and one_pass == d.token_stream(epochs, tok, seed=0)
+    first = tok.decode(one_pass[:15], skip_special=True)
+    assert first in {"".join(p) for p in itertools.permutations(["a b", "c d", "e f"])}  # epoch 0 first, shuffled
+    longer = d.token_stream(epochs, tok, seed=0, n_tokens=50)
+    assert len(longer) == 50 and longer[:30] == one_pass  # cycled past the last epoch
 
 
 def test_full_names_and_attribute_subset():
     world = d.KnowledgeWorld(12, seed=0, n_attributes=2)
     assert all(list(e.facts) == ["hometown", "occupation"] for e in world.entities)
     e = world.entities[0]
-    assert world.raw_document(e, full_names=True).count(e.name) == 2
-    arms, fmt, held_out, _ = d.build_experiment_arms(world, n=3, seed=0, full_names=True)
-    for doc in arms["n_rephrasings"][1][: len(world.entities)]:
-        assert "This person" not in doc and "Same person" not in doc
+    assert world.raw_document(e, full_names=True).count(e.name) == 2 and world.raw_document(e).count(e.name) == 1
     with pytest.raises(ValueError, match="n_attributes"):
         d.KnowledgeWorld(4, n_attributes=5)
 
@@ -315,12 +310,16 @@ def test_rephrase_experiment_runs_and_is_deterministic():
     except Exception as e:
         pytest.skip(f"02_mla not importable: {e}")
     threads = torch.get_num_threads()
-    kw = dict(n_entities=8, n=2, repeat=1, seq_len=32, batch_size=4, seeds=(0,), threads=1)
+    kw = dict(n_entities=6, n=2, seq_len=32, batch_size=4, seeds=(0,), threads=1)
     try:
         a, b = d.rephrase_experiment(**kw), d.rephrase_experiment(**kw)
     finally:
         torch.set_num_threads(threads)
-    assert [r["arm"] for r in a] == ["raw", "one_rephrasing", "n_rephrasings"]
-    assert len({r["tokens"] for r in a}) == 1 and a[0]["steps"] > 0  # equal training tokens per arm
+    assert [r["arm"] for r in a] == ["raw", "one", "many"]
+    assert len({r["tokens"] for r in a}) == 1 and a[0]["tokens"] > 0  # equal training tokens per arm
     assert [(r["final_loss"], r["acc_held_out"], r["acc_format"]) for r in a] == \
         [(r["final_loss"], r["acc_held_out"], r["acc_format"]) for r in b]  # bit-identical for a fixed seed
+    s = d.experiment_summary(a)["arms"]
+    assert set(s) == {"raw", "one", "many"} and all(
+        set(v) >= {"heldout_mean", "heldout_std", "format_mean", "seeds", "train_tokens"} for v in s.values())
+    assert s["raw"]["seeds"] == 1 and s["raw"]["heldout_mean"] == 100 * a[0]["acc_held_out"]
