@@ -43,8 +43,9 @@ Simplified vs K2
 - K2's MuonClip clips heads per layer with tau = 100 over 15.5T tokens; the demo uses a tiny model, a
   synthetic language and a small tau to make the explosion and the clip visible in minutes on a CPU.
 - The Muon-vs-AdamW comparison (Moonlight Fig. 3 in miniature) trains 2-layer K2-shaped models of width
-  32-128 (43k-460k parameters) for 4096 tokens per unit of width on chapter 5's synthetic text, with
-  4-point lr grids; Moonlight fits compute-optimal scaling laws on models of up to 1.5B activated parameters.
+  32 and 64 (43k and 133k parameters; --widths for more) for 2048 (default) or 4096 (README) tokens per unit
+  of width on chapter 5's synthetic text, with 4-point lr grids; Moonlight fits compute-optimal scaling
+  laws over models of up to 1.5B activated parameters.
 
 References
 - K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024 (blog + code).
@@ -54,8 +55,8 @@ References
 
 Run:
   python 03_muonclip.py --help
-  python 03_muonclip.py                  # both demos at CPU sizes (about 3 min on 2 cores; partial results as it goes)
-  python 03_muonclip.py --demo muon_vs_adamw --widths 32,64,128 --seeds 0,1,2 --json muon.json   # README's table
+  python 03_muonclip.py                  # both demos at CPU sizes (about 3 min of CPU; partial results as it goes)
+  python 03_muonclip.py --demo muon_vs_adamw --tokens-per-width 4096 --seeds 0,1,2 --json muon.json  # README
   python 03_muonclip.py --demo qk_clip --tau 8
   python 03_muonclip.py --bench          # only the optimizer overhead vs forward-backward (no demos)
 """

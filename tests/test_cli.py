@@ -55,14 +55,16 @@ BAD = [
     ("03_muonclip.py", ["--demo", "none"], "--demo"),
     ("03_muonclip.py", ["--tau", "0"], "--tau"),
     ("03_muonclip.py", ["--clip-wd", "-0.1"], "--clip-wd"),
-    ("03_muonclip.py", ["--adamw-lrs", "1e-3", "x"], "--adamw-lrs"),
-    ("03_muonclip.py", ["--steps", "1.5"], "--steps"),
+    ("03_muonclip.py", ["--adamw-lrs", "1e-3,x"], "--adamw-lrs"),
+    ("03_muonclip.py", ["--tokens-per-width", "1.5"], "--tokens-per-width"),
+    ("03_muonclip.py", ["--widths", "32,48"], "--widths"),  # not a multiple of 32: the API's ValueError, mapped
     ("05_data.py", ["--n-tasks", "0"], "--n-tasks"),
     ("05_data.py", ["--out", "/missing/dir/x.jsonl"], "--out"),
     ("05_data.py", ["--out", "tests"], "--out"),
     ("05_data.py", ["--seeds", "0,a"], "--seeds"),
     ("05_data.py", ["--entities", "0"], "--entities"),
     ("05_data.py", ["--n", "-1"], "--n"),
+    ("05_data.py", ["--rephrase-experiment", "--entities", "1"], "--entities"),
     ("05_data.py", ["--rephrase-experiment", "--top-k", "9"], "--top-k"),  # more than the 8 experts
     ("05_data.py", ["--rephrase-experiment", "--out", "x.jsonl"], "--out"),
 ]
