@@ -673,16 +673,16 @@ def report_muon_vs_adamw(cells: list[dict], args, console: Console) -> dict:
                          adamw_final=_mean_std([c["final"][("adamw", c["best"]["adamw"])] for c in cs])[0],
                          muon_final=_mean_std([c["final"][("muon", c["best"]["muon"])] for c in cs])[0],
                          best_lr={n: [c["best"][n] for c in cs] for n in ("adamw", "muon")}))
-    table = Table(title=f"Muon vs AdamW: tokens Muon needs to reach AdamW's final validation loss, seeds "
-                        f"{','.join(map(str, args.seeds))} (Moonlight: ~0.52 at compute-optimal scale)")
-    for col in ("width", "params", "tokens", "best lr AdamW / Muon", "val loss AdamW", "val loss Muon",
+    table = Table(title=f"Muon vs AdamW: tokens Muon needs to reach AdamW's final validation loss / AdamW's tokens, "
+                        f"seeds {','.join(map(str, args.seeds))} (Moonlight: ~0.52)")
+    for col in ("width", "params", "tokens", "best lr AdamW", "best lr Muon", "val loss AdamW / Muon",
                 "Muon / AdamW tokens", "per seed"):
         table.add_column(col, justify="right")
     for r in rows:
-        lrs = " / ".join(",".join(f"{x:.3g}" for x in r["best_lr"][n]) for n in ("adamw", "muon"))
-        table.add_row(str(r["width"]), f"{r['params']:,}", f"{r['tokens']:,}", lrs, f"{r['adamw_final']:.4f}",
-                      f"{r['muon_final']:.4f}", f"{r['ratio_mean']:.3f} ± {r['ratio_std']:.3f}",
-                      " ".join(f"{x:.3f}" + ("*" if h == "mirrored" else "") for x, h in zip(r["ratios"], r["how"])))
+        table.add_row(str(r["width"]), f"{r['params']:,}", f"{r['tokens']:,}",
+                      *(" ".join(f"{x:g}" for x in r["best_lr"][n]) for n in ("adamw", "muon")),
+                      f"{r['adamw_final']:.3f} / {r['muon_final']:.3f}", f"{r['ratio_mean']:.3f} ± {r['ratio_std']:.3f}",
+                      " ".join(f"{x:.2f}" + ("*" if h == "mirrored" else "") for x, h in zip(r["ratios"], r["how"])))
     console.print(table)
     fit = None
     if len(rows) > 1:

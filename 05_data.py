@@ -45,7 +45,6 @@ Simplified vs K2
   text and SimpleQA (32 synthetic people x 4 facts, each one of 8 values; chance 12.5%), model size (chapter
   2's tiny K2 with 2 layers and 8 experts top-2, 0.46M parameters, trained with chapter 3's MuonClip), and
   N = 100 instead of 10 so that every arm memorises what it reads. Deterministic for fixed --seeds and --threads.
-  RESULT_PLACEHOLDER
 
 References
 - Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.2 (rephrasing, Table 1), §3.1.1 (agentic data).
