@@ -44,7 +44,9 @@ Simplified vs K2
   chunk-wise rewrites, and a closed-book QA test on people whose QA never appears in training. Drops: real
   text and SimpleQA (32 synthetic people x 4 facts, each one of 8 values; chance 12.5%), model size (chapter
   2's tiny K2 with 2 layers and 8 experts top-2, 0.46M parameters, trained with chapter 3's MuonClip), and
-  N = 100 instead of 10 so that every arm memorises what it reads. Deterministic for fixed --seeds and --threads.
+  N = 100 instead of 10 so that every arm memorises what it reads (100% on the format people). Over seeds
+  0, 1, 2 the held-out accuracy is raw 20.8 / one rephrasing 22.9 / N rephrasings 40.1 % (K2: 23.76 / 27.39 /
+  28.94; README has the table). Deterministic for fixed --seeds and --threads.
 
 References
 - Kimi K2: Open Agentic Intelligence, arXiv:2507.20534, §2.2 (rephrasing, Table 1), §3.1.1 (agentic data).
