@@ -1163,7 +1163,7 @@ def rephrase_document(world: KnowledgeWorld, doc: str, rng: random.Random, stats
     raise RuntimeError(f"no rephrasing of {doc[:40]!r}... passed the fidelity check in 50 tries")
 
 
-def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0):
+def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0, full_names: bool = False):
     """The three curricula of Table 1, each a list of epochs (an epoch: one biography per person + the QA lines).
 
     raw: the fixed biography x n epochs (name once, then "This person", attributes always in the same order:
@@ -1172,13 +1172,14 @@ def build_experiment_arms(world: KnowledgeWorld, n: int, seed: int = 0):
     order and the full name in every sentence (the augmentations of Physics of LM 3.1).
     QA lines are taught on half of the people ("format" people) in every arm; the other half is held out:
     their knowledge is only in the biographies, so answering needs extraction, not QA recall.
+    full_names: the raw biographies name the person in every sentence too (train.py's pretraining data).
     """
     rng = random.Random(seed)
     ents = list(world.entities)
     rng.shuffle(ents)
     fmt, held_out = ents[: len(ents) // 2], ents[len(ents) // 2:]
     qa_docs = ["".join(world.qa(e, a)) for e in fmt for a in world.attributes]
-    raw = [world.raw_document(e) for e in world.entities]
+    raw = [world.raw_document(e, full_names) for e in world.entities]
     stats: Counter = Counter()
     rephrasings = [[rephrase_document(world, d, rng, stats) for d in raw] for _ in range(n)]
     arms = {"raw": [raw] * n, "one": [rephrasings[0]] * n, "many": rephrasings}

@@ -211,7 +211,7 @@ def build_corpora(tc: TrainConfig) -> Corpora:
     world = data.KnowledgeWorld(tc.entities, seed=tc.seed, n_attributes=tc.attributes)
     # chunk-wise, fidelity-checked rephrasings; QA lines for half the people (chapter 5, K2 §2.2)
     arms, fmt, held_out, reph = data.build_experiment_arms(world, tc.rephrasings, seed=tc.seed, full_names=True)
-    knowledge = arms["n_rephrasings"]  # N epochs, each a different rephrasing of every biography (+ QA lines)
+    knowledge = arms["many"]  # N epochs, each a different rephrasing of every biography (+ QA lines)
     problems = data.make_math_problems(tc.math_problems, seed=tc.seed)
     train_p = problems[: tc.math_problems - tc.math_test]
     seen = {p.question for p in train_p}
