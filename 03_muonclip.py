@@ -690,8 +690,8 @@ def report_muon_vs_adamw(cells: list[dict], args, console: Console) -> dict:
         console.print(f"trend: ratio ≈ {fit[0]:.3g}·params^{fit[1]:+.3f} (least squares over the {len(rows)} widths)")
     if any(h == "mirrored" for r in rows for h in r["how"]):
         console.print("* Muon never reached AdamW's final loss: ratio mirrored from AdamW's tokens to Muon's final loss")
-    summary = dict(widths=[{k: r[k] for k in ("width", "params", "ratio_mean", "ratio_std", "seeds", "tokens", "ratios")}
-                           for r in rows], fit=dict(c=fit[0], k=fit[1]) if fit else None)
+    keys = ("width", "params", "ratio_mean", "ratio_std", "seeds", "tokens", "ratios", "how")
+    summary = dict(widths=[{k: r[k] for k in keys} for r in rows], fit=dict(c=fit[0], k=fit[1]) if fit else None)
     if args.json:
         _write_json(args.json, summary)
         console.print(f"wrote {args.json}")

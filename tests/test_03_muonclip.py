@@ -1,11 +1,15 @@
 """Chapter 3 checks: Newton-Schulz vs SVD, Muon vs torch.optim.Muon, routing, QK-Clip, MuonClip resume."""
 
+import argparse
 import dataclasses
+import io
+import json
 import math
 
 import pytest
 import torch
 from conftest import load
+from rich.console import Console
 
 mc = load("03_muonclip")
 mla = load("02_mla")
@@ -366,7 +370,7 @@ def test_text_corpus_is_seeded_and_streamed_once():
         mc.width_config(48)
 
 
-def test_sweep_treats_both_optimizers_alike_and_is_bit_identical():
+def test_sweep_treats_both_optimizers_alike_and_is_bit_identical(tmp_path):
     """The comparison's fairness: both sides train on the same tokens with the same evaluation points, their
     grids are scaled by the same 64/width, and the Muon runs use the AdamW side's best lr for the rest.
     A micro sweep reruns bit-identically."""
@@ -378,6 +382,11 @@ def test_sweep_treats_both_optimizers_alike_and_is_bit_identical():
     xs = {tuple(t for t, _ in curve) for curve in a["curves"].values()}
     assert xs == {(0, 128, 256, 384)}  # every run: the same tokens, evaluated at the same points
     assert a["best"]["adamw"] in (2e-3, 8e-3) and math.isfinite(a["ratio"]) and a["ratio"] > 0
+    args = argparse.Namespace(widths=[32], seeds=[0], json=str(tmp_path / "muon.json"), no_figures=True)
+    mc.report_muon_vs_adamw([a], args, Console(file=io.StringIO()))
+    (w,) = json.load(open(args.json))["widths"]  # the --json keys the issue fixes
+    assert {"width", "params", "ratio_mean", "ratio_std", "seeds"} <= set(w)
+    assert (w["width"], w["seeds"], w["ratio_mean"], w["ratio_std"]) == (32, 1, a["ratio"], 0.0)
 
 
 def test_demo_arms_share_adamw_settings_schedule_and_no_clip():
