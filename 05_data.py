@@ -1217,12 +1217,9 @@ def qa_accuracy(model, world: KnowledgeWorld, entities, tok: Tokenizer, batch_si
         for j, (p, s, _) in enumerate(batch):  # sum of log p(answer tokens | prompt)
             scores.append(logp[j, torch.arange(p - 1, len(s) - 1), torch.tensor(s[p:])].sum().item())
     model.train()
-    n_vals = len(next(iter(world.attributes.values())))
-    correct = 0
-    for q in range(0, len(items), n_vals):
-        best = max(range(q, q + n_vals), key=scores.__getitem__)
-        correct += items[best][2]
-    return correct / (len(items) // n_vals)
+    n = len(next(iter(world.attributes.values())))  # candidates per question
+    wins = [items[max(range(q, q + n), key=scores.__getitem__)][2] for q in range(0, len(items), n)]
+    return sum(wins) / len(wins)
 
 
 def run_arm(world: KnowledgeWorld, arm: str, epochs, fmt, held_out, n_tokens: int, cfg, seed: int, seq_len: int,
@@ -1231,8 +1228,7 @@ def run_arm(world: KnowledgeWorld, arm: str, epochs, fmt, held_out, n_tokens: in
     with K2's optimizer, MuonClip (chapter 3: Muon at `lr` for the hidden matrices, AdamW at `adamw_lr` for the
     rest, QK-Clip at tau = 100) and chapter 3's warmup + cosine schedule; then closed-book QA."""
     mla, mc = importlib.import_module("02_mla"), importlib.import_module("03_muonclip")
-    tok = Tokenizer()
-    steps = (n_tokens - 1) // (batch_size * seq_len)
+    tok, steps = Tokenizer(), (n_tokens - 1) // (batch_size * seq_len)
     data = torch.tensor(token_stream(epochs, tok, seed, n_tokens))
     torch.manual_seed(seed)
     model = mla.Transformer(cfg)
@@ -1258,16 +1254,12 @@ def run_arm(world: KnowledgeWorld, arm: str, epochs, fmt, held_out, n_tokens: in
             "acc_held_out": qa_accuracy(model, world, held_out, tok), "acc_format": qa_accuracy(model, world, fmt, tok)}
 
 
-def rephrase_experiment(n_entities: int = 32, n: int = 100, seq_len: int = 128,
-                        batch_size: int = 16, lr: float = 8e-3, adamw_lr: float = 3e-3, seeds=(0,), console=None,
-                        num_hidden_layers: int = 2, n_routed_experts: int = 8, num_experts_per_tok: int = 2,
-                        threads: int = 1) -> list[dict]:
-    """K2 Table 1 in miniature: raw x N epochs vs one rephrasing x N vs N rephrasings x 1, at equal tokens.
-
-    The token budget is the longest arm's (N rephrasings, one pass); the others cycle their epochs up to it.
-    Deterministic for a fixed seed and thread count: every generator is seeded, and torch runs on exactly
-    `threads` intra-op threads (a CPU matmul's reduction order, hence its last bits, depends on the count).
-    """
+def rephrase_experiment(n_entities: int = 32, n: int = 100, seq_len: int = 128, batch_size: int = 16, lr: float = 8e-3,
+                        adamw_lr: float = 3e-3, seeds=(0,), console=None, num_hidden_layers: int = 2,
+                        n_routed_experts: int = 8, num_experts_per_tok: int = 2, threads: int = 1) -> list[dict]:
+    """K2 Table 1 in miniature: raw x N epochs vs one rephrasing x N vs N rephrasings x 1, at equal tokens (the
+    N-rephrasings pass sets the budget; the others cycle up to it). Deterministic for fixed seeds and `threads`:
+    every generator is seeded, and a CPU matmul's reduction order (its last bits) depends on the thread count."""
     from rich.progress import Progress
     mla = importlib.import_module("02_mla")  # lazily: chapter 5 stays standalone otherwise
     torch.set_num_threads(threads)
@@ -1285,10 +1277,9 @@ def rephrase_experiment(n_entities: int = 32, n: int = 100, seq_len: int = 128,
                 r = run_arm(world, arm, epochs, fmt, held_out, n_tokens, cfg, seed, seq_len, batch_size, lr, adamw_lr,
                             progress, task)
                 rows.append({**r, "rephrase_stats": stats})
-                if console is not None:
-                    console.print(f"seed {seed} {ARMS[arm]:24s} held-out {100 * r['acc_held_out']:5.1f}%  "
-                                  f"format {100 * r['acc_format']:5.1f}%  final loss {r['final_loss']:.3f}",
-                                  highlight=False)
+                if console is not None:  # partial results as they come
+                    console.print(f"seed {seed} {ARMS[arm]:24s} held-out {100 * r['acc_held_out']:5.1f}%  format "
+                                  f"{100 * r['acc_format']:5.1f}%  final loss {r['final_loss']:.3f}", highlight=False)
     return rows
 
 
