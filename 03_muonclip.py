@@ -55,7 +55,7 @@ References
 
 Run:
   python 03_muonclip.py --help
-  python 03_muonclip.py                  # both demos (demo 1 ~1.5 min of CPU, with demo 2 over 4; partial results)
+  python 03_muonclip.py                  # both demos (4.4 min of CPU, demo 1 ~1.5 of it; partial results as it goes)
   python 03_muonclip.py --demo muon_vs_adamw --tokens-per-width 4096 --seeds 0,1,2 --json muon.json  # README
   python 03_muonclip.py --demo qk_clip --tau 8
   python 03_muonclip.py --bench          # only the optimizer overhead vs forward-backward (no demos)

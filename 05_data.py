@@ -56,7 +56,7 @@ References
 Run:
     python 05_data.py --help
     python 05_data.py                          # pipeline counts + one trajectory (5-10 s on 2 cores)
-    python 05_data.py --rephrase-experiment    # Table 1 in miniature, 1 seed (about 5 min of CPU)
+    python 05_data.py --rephrase-experiment    # Table 1 in miniature, 1 seed (about 4 min of CPU)
     python 05_data.py --rephrase-experiment --seeds 0,1,2 --json rephrase.json   # README's table
     python 05_data.py --sandbox-demo           # + hostile programs through the sandbox, pool throughput
 """
