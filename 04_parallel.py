@@ -59,8 +59,9 @@ API for train.py
     dims   = ParallelDims.from_env(pp=2, ep=2, schedule="1f1b", n_microbatches=4)   # dp = WORLD_SIZE / (pp·ep)
     layout = init_distributed(dims, cfg)                 # process groups (none when WORLD_SIZE is 1)
     model  = build_model(cfg, layout, seed=0)            # this rank's RankModel
-    opt    = make_optimizer(model, lr=..., adamw_lr=..., tau=..., zero="owner")
+    opt    = make_optimizer(model, lr=..., adamw_lr=..., tau=..., zero="owner", max_grad_norm=1.0)
     loss   = train_step(model, opt, idx, targets)        # same global batch on every rank; returns the mean loss
+    loss   = train_step(model, opt, [idx1, idx2], [tgt1, tgt2], stats=stats)   # groups of one step, stats out
     val    = evaluate(model, idx, targets)               # forward only (no S_max, no bias update)
     save_checkpoint(path, model, opt) / load_checkpoint(path, model, opt)
     close_distributed(layout)
@@ -491,9 +492,12 @@ class ZeroMuonClip(mc.MuonClip):
     parameters this rank owns; distributed_muon: this rank's slice of every parameter), share the result,
     QK-Clip with S_max MAX-all-reduced over the replicas of each attention."""
 
-    def __init__(self, model: RankModel, zero: str = "owner", **muonclip_kw):
+    def __init__(self, model: RankModel, zero: str = "owner", max_grad_norm: float | None = None, **muonclip_kw):
         if zero not in ZERO_MODES:
             raise ValueError(f"zero (--zero) must be one of {ZERO_MODES}, got {zero!r}")
+        if max_grad_norm is not None and (zero != "owner" or not max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be > 0 and needs zero='owner', got {max_grad_norm!r} with {zero!r}")
+        self.max_grad_norm, self.grad_norm = max_grad_norm, None
         lay = model.layout
         reduce_max = None
         if lay.replica_group is not None:
@@ -523,6 +527,8 @@ class ZeroMuonClip(mc.MuonClip):
     def step(self, closure=None):
         if self.zero == "owner":
             self._sum_grads()
+            if self.max_grad_norm is not None:
+                self._clip_grad_norm()
             for group in self.param_groups:
                 for p in group["params"]:
                     if self.owner[p] == self.layout.rank:
@@ -550,6 +556,17 @@ class ZeroMuonClip(mc.MuonClip):
             dist.all_reduce(flat, group=group)
             for p, g in zip(ps, flat.split([p.numel() for p in ps])):
                 p.grad.copy_(g.view_as(p))
+
+    def _clip_grad_norm(self) -> None:
+        """torch's clip_grad_norm_ over the whole model: ||g||² = Σ over parameters, each counted on one of its
+        replicas (index 0 of its group), all-reduced over the world; g ← g · min(1, max_norm / (||g|| + 1e-6))."""
+        sq = sum((p.grad.float().square().sum() for p, (_, _, i) in self.meta.items() if i == 0),
+                 torch.zeros((), device=self.layout.device))
+        norm = _all_reduce(sq, self.layout.world_group).sqrt()
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in self.meta:
+            p.grad.mul_(coef)
+        self.grad_norm = norm.item()
 
     def _distributed_step(self, p, group: dict) -> None:
         """Moonlight's Distributed Muon on one parameter, split into n equal flat slices (rank i holds slice i):
@@ -707,13 +724,23 @@ def _tag(kind: str, m: int, v: int, n_stages: int) -> int:
     return (m * n_stages + v) * 2 + (kind == "B")
 
 
-def train_step(model: RankModel, opt: ZeroMuonClip, idx: torch.Tensor, targets: torch.Tensor,
-               autocast_dtype: torch.dtype | None = None) -> float:
+def train_step(model: RankModel, opt: ZeroMuonClip, idx, targets, autocast_dtype: torch.dtype | None = None,
+               stats: dict | None = None) -> float:
     """One optimizer step on the global batch idx, targets (B, S), identical on every rank. Returns the mean
-    loss over the whole batch (CE + balance loss), the same number a single process would report."""
+    loss over the whole batch (CE + balance loss), the same number a single process would report.
+    idx, targets may also be lists of batches (groups of one step with different shapes, e.g. long and short
+    sequences): the step's loss is then the sum of the groups' mean losses, as in one process calling
+    backward once per group. stats: if a dict, gets "ce", "aux" (the sums over groups) and "loads" (per
+    chunk, (n_moe, E) expert loads summed over groups and over the dp x ep ranks of the stage)."""
+    groups = list(zip(idx, targets)) if isinstance(idx, (list, tuple)) else [(idx, targets)]
     opt.zero_grad(set_to_none=True)
-    loss, loads = forward_backward(model, idx, targets, autocast_dtype)
-    opt.step()  # average gradients, update, broadcast, QK-Clip
+    loss, loads, ce, aux = 0.0, None, 0.0, 0.0
+    for x, y in groups:
+        parts = {}
+        g_loss, g_loads = forward_backward(model, x, y, autocast_dtype, parts=parts)
+        loss, ce, aux = loss + g_loss, ce + parts["ce"], aux + parts["aux"]
+        loads = g_loads if loads is None else [a + b for a, b in zip(loads, g_loads)]
+    opt.step()  # average gradients, (clip,) update, broadcast, QK-Clip
     lay = model.layout
     # aux-loss-free bias: loads summed over micro-batches and over the dp x ep ranks of the stage
     for chunk, load in zip(model.chunks, loads):
@@ -721,6 +748,8 @@ def train_step(model: RankModel, opt: ZeroMuonClip, idx: torch.Tensor, targets: 
             _all_reduce(load, lay.replica_group)
             for moe, l_ in zip(chunk.moe_layers(), load):
                 moe_lib.update_router_bias_(moe.router, l_, model.cfg.bias_update_speed)
+    if stats is not None:
+        stats.update(ce=ce, aux=aux, loads=loads)
     return loss
 
 
@@ -742,11 +771,11 @@ def evaluate(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
 
 def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
                      autocast_dtype: torch.dtype | None = None, memory: dict | None = None,
-                     backward: bool = True) -> tuple[float, list[torch.Tensor]]:
+                     backward: bool = True, parts: dict | None = None) -> tuple[float, list[torch.Tensor]]:
     """This rank's share of the global batch through its schedule; gradients (of the mean loss) accumulate in
     .grad, not yet averaged over replicas. Returns (global mean loss, per chunk its (n_moe, E) expert loads).
     memory: if a dict, gets "activations", the peak bytes saved for backward (parameters excluded) over the
-    schedule."""
+    schedule. parts: if a dict, gets "ce" and "aux", the two terms of the global mean loss."""
     lay, d = model.layout, model.layout.dims
     B, S = idx.shape
     shards = d.dp * d.ep * d.n_microbatches
@@ -760,7 +789,7 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
     M, n_stages = d.n_microbatches, d.n_stages
     n_shards = d.dp * d.ep
     n_targets = max(int((targets != -100).sum()), 1)  # over the global batch: every rank sees it
-    loss_sum = torch.zeros((), device=lay.device)
+    loss_sum = torch.zeros(2, device=lay.device)  # (CE, balance loss)
     loads = [torch.zeros(len(c.moe_layers()), model.cfg.n_routed_experts, device=lay.device) for c in model.chunks]
     amp = torch.autocast(lay.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     saved_bytes = {}  # (micro-batch, chunk) -> bytes of activations its forward saved for backward
@@ -787,9 +816,9 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
         if last:  # CE: a mean over the batch's valid targets, so each micro-batch weighs by its count
             n_valid = int((tgt_mb[m] != -100).sum())
             ce = (out.loss - out.aux_loss) * (n_valid / n_targets) if n_valid else out.logits.sum() * 0.0
-            loss_sum = loss_sum + (ce + aux).detach()
+            loss_sum = loss_sum + torch.stack([ce.detach().float(), aux.detach().float()])
             return ce + aux, None
-        loss_sum = loss_sum + aux.detach()
+        loss_sum = loss_sum + torch.stack([torch.zeros_like(loss_sum[0]), aux.detach().float()])
         return out.hidden, aux
 
     if d.pp == 1:  # no pipeline: gradient accumulation over the micro-batches
@@ -810,7 +839,10 @@ def forward_backward(model: RankModel, idx: torch.Tensor, targets: torch.Tensor,
             peak = max(peak, live)
         memory["activations"] = peak
     _all_reduce(loss_sum, lay.world_group)  # Σ over stages (CE on the last, aux on each) and data shards
-    return loss_sum.item(), loads
+    ce, aux = loss_sum.tolist()
+    if parts is not None:
+        parts.update(ce=ce, aux=aux)
+    return ce + aux, loads
 
 
 def _run_pipeline(model: RankModel, forward, idx_mb, actions) -> None:

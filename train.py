@@ -72,12 +72,14 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 import cli
 
 moe_lib = importlib.import_module("01_moe")
 mla = importlib.import_module("02_mla")
 muonclip = importlib.import_module("03_muonclip")
+par = importlib.import_module("04_parallel")
 data = importlib.import_module("05_data")
 rl = importlib.import_module("06_rl")
 
@@ -379,10 +381,17 @@ def load_checkpoint(path: str, tc: TrainConfig) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
+        if os.path.isdir(os.path.join(os.path.dirname(path), "last.dcp")):
+            raise CheckpointError(f"{path}: none, the run was trained under torchrun: resume it under torchrun") from None
         raise CheckpointError(f"{path}: no checkpoint (the run never reached its first one)") from None
     except Exception as e:  # truncated zip, bad pickle, unexpected types
         raise CheckpointError(f"{path} is corrupted or truncated ({type(e).__name__}: {str(e)[:120]}); "
                               "delete it to restart the stage, or start over with --overwrite") from None
+    check_state(path, state, tc)
+    return state
+
+
+def check_state(path: str, state: dict, tc: TrainConfig) -> None:
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: not a train.py checkpoint of format {CKPT_FORMAT}")
     old, new = dict(state["config"]), dataclasses.asdict(tc)
@@ -391,7 +400,6 @@ def load_checkpoint(path: str, tc: TrainConfig) -> dict:
     if old != new:
         diff = sorted(k for k in old if old[k] != new.get(k))
         raise CheckpointError(f"{path} was written by a run with a different config (differs in: {', '.join(diff)})")
-    return state
 
 
 def load_model_state(model, sd: dict, path: str) -> None:
@@ -404,13 +412,16 @@ def load_model_state(model, sd: dict, path: str) -> None:
 class Run:
     """The run directory: config.json, metrics.jsonl, ckpt/, figures/. Only this object writes files."""
 
-    def __init__(self, out: str):
-        self.out = out
+    def __init__(self, out: str, writer: bool = True):
+        self.out, self.writer = out, writer  # under torchrun only rank 0 writes (the others count lines)
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.ckpt_path = os.path.join(out, "ckpt", "last.pt")
+        self.dcp_path = os.path.join(out, "ckpt", "last.dcp")  # under torchrun: chapter 4's sharded checkpoint
         self.lines = 0
 
     def start(self, tc: TrainConfig, resume: bool) -> None:
+        if not self.writer:
+            return
         os.makedirs(os.path.join(self.out, "ckpt"), exist_ok=True)
         text = json.dumps(dataclasses.asdict(tc), indent=1)
         atomic_write(os.path.join(self.out, "config.json"), lambda tmp: open(tmp, "w").write(text))
@@ -418,12 +429,16 @@ class Run:
             open(self.metrics_path, "w").close()
 
     def log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.lines += 1
 
     def truncate_metrics(self, n_lines: int) -> None:
         """Back to the checkpoint's view of metrics.jsonl (lines logged after it are logged again)."""
+        self.lines = n_lines
+        if not self.writer:
+            return
         with open(self.metrics_path) as f:
             lines = f.readlines()[:n_lines]
         if len(lines) < n_lines:
@@ -512,6 +527,114 @@ def rl_step(model, opt, c: Corpora, tc: TrainConfig, engine, step: int) -> dict:
             "clipped_heads": clip["n_clipped"]}
 
 
+# ---- under torchrun: chapter 4's layout for pretraining and SFT ----
+
+def dist_optimizer(pm, tc: TrainConfig, stage: str):
+    """stage_optimizer's MuonClip under chapter 4's ZeRO-1, clipping the global gradient norm at 1 as one process."""
+    lr, adamw_lr, wd = {"pretrain": (tc.lr, tc.adamw_lr, tc.weight_decay), "sft": (tc.sft_lr, tc.sft_adamw_lr, 0.0)}[stage]
+    opt = par.make_optimizer(pm, lr=lr, adamw_lr=adamw_lr, weight_decay=wd, adamw_weight_decay=wd, tau=tc.tau,
+                             max_grad_norm=1.0)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    return opt
+
+
+def dist_train_step(pm, opt, batches: list, step: int, steps: int) -> dict:
+    """train_step under the layout: chapter 4's train_step on the step's micro-batches, the same record."""
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * muonclip.lr_factor(step, steps, warmup=max(1, steps // 20))
+    lay, stats = pm.layout, {}
+    amp = torch.bfloat16 if lay.device.type == "cuda" else None
+    par.train_step(pm, opt, [x for x, _ in batches], [y for _, y in batches], autocast_dtype=amp, stats=stats)
+    # MaxVio of every MoE layer (by global layer id, -1 where this rank holds none), S_max and clipped heads:
+    # each stage knows its own layers; MAX over the world (replicas agree), clipped heads summed over stages
+    vio = torch.full((pm.cfg.num_hidden_layers,), -1.0)
+    for chunk, ids, load in zip(pm.chunks, pm.stage_layers, stats["loads"]):
+        moe_ids = [i for i, layer in zip(ids, chunk.layers) if layer.is_moe]
+        for i, layer_load in zip(moe_ids, load.cpu()):
+            vio[i] = moe_lib.load_balance_stats(layer_load)["max_vio"]
+    clip = opt.clip_stats
+    s_max = torch.tensor([clip["max_s_max"]])
+    n_clipped = torch.tensor([float(clip["n_clipped"])])
+    if lay.world_group is not None:
+        vio, s_max, n_clipped = (t.to(lay.device) for t in (vio, s_max, n_clipped))
+        dist.all_reduce(vio, op=dist.ReduceOp.MAX)
+        dist.all_reduce(s_max, op=dist.ReduceOp.MAX)
+        dist.all_reduce(n_clipped)
+        vio, s_max, n_clipped = vio.cpu(), s_max.cpu(), n_clipped.cpu() / (lay.dims.dp * lay.dims.ep)
+    vio = [v for v in vio.tolist() if v >= 0]
+    n_tok = sum(int((y != -100).sum()) for _, y in batches)
+    return {"loss": stats["ce"], "aux_loss": stats["aux"], "grad_norm": opt.grad_norm, "lr": opt.param_groups[0]["lr"],
+            "s_max": float(s_max), "clipped_heads": round(float(n_clipped)), "max_vio": sum(vio) / len(vio),
+            "max_vio_worst": max(vio), "tokens": n_tok}
+
+
+def assemble(pm, model) -> None:
+    """Rank 0's `model` <- every rank's part of pm (layout-free keys), for evaluation, stage weights and export."""
+    lay = pm.layout
+    part = {k: t.detach().cpu().clone() for k, t in pm.canonical_state().items()}
+    parts = [None] * dist.get_world_size() if lay.rank == 0 else None
+    dist.gather_object(part, parts, dst=0)
+    if lay.rank == 0:
+        live = par.RankModel(model.cfg, par.Layout(par.ParallelDims()), [model],
+                             [list(range(model.cfg.num_hidden_layers))]).canonical_state()
+        filled = set()
+        with torch.no_grad():
+            for p_ in parts:
+                for k, t in p_.items():
+                    live[k].copy_(t)
+                    filled.add(k)
+        assert filled == set(live), f"assemble: {len(set(live) - filled)} tensors missing"
+
+
+def dist_checkpoint(run: Run, state: dict, pm, opt, step: int, mid_stage: bool) -> None:
+    """Chapter 4's DCP checkpoint (every rank writes its shard; temp dir + rename); the run's books travel in
+    it as a JSON byte tensor, so they are as atomic as the weights."""
+    state.update(step=step, metrics_lines=run.lines)
+    books = {k: state[k] for k in ("format", "config", "stage", "step", "results", "metrics_lines")}
+    books["optim"] = mid_stage
+    blob = torch.tensor(list(json.dumps(books).encode()), dtype=torch.uint8)
+    par.save_checkpoint(run.dcp_path, pm, opt, extra={"books": blob})
+    if run.writer:
+        where = json.dumps({"stage": state["stage"], "step": step, "finished": list(state["results"])})
+        atomic_write(os.path.splitext(run.ckpt_path)[0] + ".json", lambda tmp: open(tmp, "w").write(where))
+
+
+def dist_load(run: Run, pm, tc: TrainConfig, opt=None) -> dict:
+    """The books of the DCP checkpoint, its weights into pm (and, given, the optimizer state into opt)."""
+    path = run.dcp_path
+    if not os.path.isdir(path):
+        where = ("none, the run was trained in one process: resume it without torchrun"
+                 if os.path.isfile(run.ckpt_path) else "no checkpoint (the run never reached its first one)")
+        raise CheckpointError(f"{path}: {where}")
+    try:
+        extra = par.load_checkpoint(path, pm, opt)
+        state = json.loads(bytes(extra["books"].tolist()).decode())
+    except Exception as e:  # missing tensors, truncated files, bad metadata
+        raise CheckpointError(f"{path} is corrupted, truncated or of another model ({type(e).__name__}: "
+                              f"{str(e)[:120]}); start over with --overwrite") from None
+    check_state(path, state, tc)
+    return state
+
+
+def dist_layout(p: argparse.ArgumentParser, args, tc: TrainConfig):
+    """torchrun's ranks as chapter 4's (pp, dp, ep) grid, checked against the run before any process group."""
+    if "rl" in tc.stages:
+        p.error("argument --stages: rl runs in one process for now; under torchrun use --stages pretrain,sft")
+    try:
+        dims = par.ParallelDims.from_env(pp=args.pp, ep=args.ep, n_microbatches=args.pp)
+        dims.check(mla.ModelConfig.from_hf(tc.model), dims.world_size)
+    except ValueError as e:
+        p.error(f"argument {'--ep' if str(e).startswith('ep') else '--pp'}: {e}")
+    shards = dims.dp * dims.ep * dims.n_microbatches
+    sizes = {"--batch-size": tc.batch_size, "SFT trajectories": tc.sft_batch_size, "SFT chats": tc.sft_short_batch_size}
+    for what, b in sizes.items():
+        if b % shards:
+            p.error(f"argument --pp: {what} per step = {b} does not divide into dp x ep x micro-batches (= pp) = "
+                    f"{dims.dp} x {dims.ep} x {dims.n_microbatches} = {shards}")
+    return par.init_distributed(dims, mla.ModelConfig.from_hf(tc.model), timeout_s=3600)
+
+
 # ---- export: a transformers-loadable directory ----
 
 def export_hf(model, out_dir: str, tok: data.Tokenizer) -> None:
@@ -569,21 +692,30 @@ def write_figures(records: list[dict], out_dir: str, tau: float) -> list[str]:
 
 # ---- the recipe ----
 
-def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | None = None, console=None) -> dict:
-    """Run (or continue) the recipe in `out`; returns {stage: evaluation} for every finished stage."""
+def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | None = None, console=None,
+          layout=None) -> dict:
+    """Run (or continue) the recipe in `out`; returns {stage: evaluation} for every finished stage.
+    layout: chapter 4's Layout under torchrun (pretraining and SFT on its RankModel; rank 0 prints, writes the
+    shared files and evaluates the assembled model while the others wait); None in one process."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    rank0 = layout is None or layout.rank == 0
+    console = console or Console(width=None if sys.stdout.isatty() else 120, quiet=not rank0)
     torch.set_num_threads(tc.threads)
     t0 = time.perf_counter()
-    run = Run(out)
+    run = Run(out, writer=rank0)
     cfg = mla.ModelConfig.from_hf(tc.model)
     state = {"format": CKPT_FORMAT, "config": dataclasses.asdict(tc), "stage": tc.stages[0], "step": 0,
              "results": {}, "critic_pairs": []}
     torch.manual_seed(tc.seed)
-    model = mla.Transformer(cfg)  # chapter 2: MLA + MoE (chapter 1)
-    if resume:
+    model = mla.Transformer(cfg)  # chapter 2: MLA + MoE (chapter 1); under torchrun rank 0's assembled copy
+    pm = par.build_model(cfg, layout, seed=tc.seed) if layout else None  # this rank's part (same init)
+    if resume and layout:
+        state = dist_load(run, pm, tc)
+        assemble(pm, model)
+        run.truncate_metrics(state["metrics_lines"])
+    elif resume:
         state = load_checkpoint(run.ckpt_path, tc)
         load_model_state(model, state["model"], run.ckpt_path)
         run.truncate_metrics(state["metrics_lines"])
@@ -594,6 +726,10 @@ def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | Non
     console.print(f"model: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M activated per token; "
                   f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; stages {','.join(tc.stages)}; "
                   f"{tc.threads} thread(s); run directory {out}")
+    if layout:
+        d = layout.dims
+        console.print(f"torchrun: {d.world_size} ranks = pp {d.pp} x dp {d.dp} x ep {d.ep} ({d.n_microbatches} "
+                      f"micro-batch(es), {layout.device.type}, {dist.get_backend()})")
     todo = [s for s in tc.stages if s not in state["results"]]
     if todo:
         with console.status("building chapter 5's corpora (rephrasing, math notes, agentic synthesis + judge)"):
@@ -604,8 +740,11 @@ def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | Non
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console) as progress:
         for stage in todo:
-            opt, start = stage_optimizer(model, tc, stage), 0
-            if resume and state["stage"] == stage and state.get("optim") is not None:
+            opt, start = (dist_optimizer(pm, tc, stage) if layout else stage_optimizer(model, tc, stage)), 0
+            if resume and layout and state["stage"] == stage and state["optim"]:
+                dist_load(run, pm, tc, opt)  # mid-stage: optimizer state (each rank the part it owns), step
+                start = state["step"]
+            elif resume and state["stage"] == stage and state.get("optim") is not None:
                 opt.load_state_dict(state["optim"])  # mid-stage: optimizer state, RNG, step (= data position)
                 set_rng_state(state["rng"])
                 start = state["step"]
@@ -621,25 +760,41 @@ def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | Non
                             f"T {rec['temperature']:.2f}")
                 else:
                     batch = pretrain_batch(corp, tc, step) if stage == "pretrain" else sft_batch(corp, tc, step)
-                    rec = train_step(model, opt, batch, step, steps[stage])
+                    step_fn = dist_train_step if layout else train_step
+                    rec = step_fn(pm or model, opt, batch, step, steps[stage])
                     info = (f"loss {rec['loss']:.3f}  S_max {rec['s_max']:.1f}  clipped {rec['clipped_heads']}  "
                             f"MaxVio {rec['max_vio']:.2f}")
                 run.log({"stage": stage, "step": step + 1, **rec})
                 progress.update(task, advance=1, info=info)
                 if (step + 1) % tc.ckpt_every == 0 and step + 1 < steps[stage]:
-                    checkpoint(run, state, model, opt, step + 1)
+                    if layout:
+                        dist_checkpoint(run, state, pm, opt, step + 1, mid_stage=True)
+                    else:
+                        checkpoint(run, state, model, opt, step + 1)
             if stage == "sft" and "rl" in tc.stages:  # held-out critic pairs: the SFT model's differing rollouts
                 muonclip.set_record_s_max(model, False)
                 held = rl.collect_rollouts(model, corp.test_envs[: tc.critic_prompts], corp.tok, group_size=4,
                                            temperature=1.0, seed=tc.seed + 1000)
                 state["critic_pairs"] = rl.critic_pairs(held, 4)
-            res = evaluate(model, corp, tc, state["critic_pairs"] if stage != "pretrain" else None)
+            if layout:  # rank 0 evaluates the assembled model; the others wait for its numbers
+                assemble(pm, model)
+                res = [evaluate(model, corp, tc, None) if rank0 else None]
+                dist.broadcast_object_list(res, src=0)
+                res = res[0]
+            else:
+                res = evaluate(model, corp, tc, state["critic_pairs"] if stage != "pretrain" else None)
             run.log({"stage": stage, "eval": res})
             state["results"][stage] = res
-            checkpoint(run, state, model, None, steps[stage])
-            atomic_write(os.path.join(out, "ckpt", f"{stage}.pt"), lambda tmp: torch.save(model.state_dict(), tmp))
+            if layout:
+                dist_checkpoint(run, state, pm, opt, steps[stage], mid_stage=False)
+            else:
+                checkpoint(run, state, model, None, steps[stage])
+            if rank0:
+                atomic_write(os.path.join(out, "ckpt", f"{stage}.pt"), lambda tmp: torch.save(model.state_dict(), tmp))
             console.print(f"{stage} done: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     print_results(console, state["results"], time.perf_counter() - t0)
+    if not rank0:
+        return state["results"]
     figs = write_figures(run.records(), os.path.join(out, "figures"), tc.tau)
     if figs:
         console.print("figures: " + ", ".join(figs))
@@ -692,6 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--export-hf", type=cli.out_dir, metavar="DIR",
                    help="write the final model as a transformers directory (config.json + model.safetensors)")
+    p.add_argument("--pp", type=cli.positive_int, default=1,
+                   help="under torchrun: pipeline stages (as many micro-batches per step); dp = ranks / (pp x ep)")
+    p.add_argument("--ep", type=cli.positive_int, default=1, help="under torchrun: expert-parallel ranks")
     return p
 
 
@@ -758,7 +916,7 @@ def main(argv=None) -> int:
         tc = TrainConfig(**{**old, "stages": stages})
     elif exists and not args.overwrite:
         p.error(f"--out {out} already holds a run: add --resume to continue it or --overwrite to replace it")
-    elif exists:
+    elif exists and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(out)
     if args.resume and not args.export_hf:
         where = os.path.join(out, "ckpt", "last.json")
@@ -767,10 +925,18 @@ def main(argv=None) -> int:
                   "(add --export-hf DIR, or later stages with --stages)", file=sys.stderr)
             return 2
     check_fits(p, tc)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and (args.pp > 1 or args.ep > 1):
+        p.error(f"argument {'--pp' if args.pp > 1 else '--ep'}: splits the model over torchrun's processes; "
+                "launch with torchrun --nproc_per_node=N train.py (N a multiple of pp x ep)")
+    layout = dist_layout(p, args, tc) if world > 1 else None  # every check above ran on every rank first
     try:
-        train(tc, out, resume=args.resume, export_dir=args.export_hf)
+        train(tc, out, resume=args.resume, export_dir=args.export_hf, layout=layout)
     except CheckpointError as e:
         p.error(f"--resume: {e}")
+    finally:
+        if layout:
+            par.close_distributed(layout)
     return 0
 
 
