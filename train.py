@@ -31,6 +31,12 @@ Design choices
     - The model config travels as config.json keys (HF DeepseekV3 names): `--preset`, `--config FILE` and
       `--override key=value` all resolve through chapter 2's ModelConfig.from_hf, which rejects what it
       would not honour; `--export-hf` writes the same keys plus safetensors weights.
+    - Under torchrun (`--pp`, `--ep`; dp = ranks / (pp x ep)) pretraining and SFT go through chapter 4:
+      build_model, ZeRO-1 MuonClip clipping the global gradient norm, train_step on the step's micro-batch
+      groups (the one-process loss: a 2-rank gloo run matches it to ~1e-6), DCP checkpoints (ckpt/last.dcp,
+      layout-free: resume under any layout; the run's books travel inside as a JSON byte tensor). Rank 0
+      prints, writes the shared files and evaluates the model assembled from every rank's part while the
+      others wait. RL runs in one process for now: `--stages ...,rl` is refused under torchrun.
     - Tool schemas in the system prompt are chapter 6's one-line summaries: the full JSON schemas would be
       ~2,000 byte tokens per conversation, too long for a CPU run.
 
@@ -38,8 +44,9 @@ Simplified vs K2
     - 15.5T tokens, a 1.04T model, a 160k BPE vocabulary vs ~0.6M byte tokens, a 1.7M-parameter tiny K2, 268 ids.
     - One curriculum instead of K2's staged data mixture and long-context activation; warmup + cosine, not
       WSD; no MTP; fp32 on CPU; the router bias is updated in pretraining and SFT, not in RL.
-    - Single process: the rollout side shares the trainer's weights (colocated), so the checkpoint engine
-      only advances its version; K2 broadcasts 1T parameters to separate inference engines.
+    - RL in one process: the rollout side shares the trainer's weights (colocated), so the checkpoint engine
+      only advances its version; K2 broadcasts 1T parameters to separate inference engines. Under torchrun
+      evaluation runs on rank 0 alone (no sharded generation).
     - Tool use is measured on chapter 5's scripted world, not on real benchmarks.
 
 References
@@ -54,6 +61,8 @@ Run:
     python train.py --out runs/a --resume             # continue a killed run: the same numbers, bit for bit
     python train.py --out runs/a --resume --export-hf hf/   # then AutoModelForCausalLM.from_pretrained("hf/")
     python train.py --config config.json --override num_hidden_layers=2 hidden_size=128 --stages pretrain
+    torchrun --nproc_per_node=2 train.py --ep 2 --stages pretrain,sft --out runs/ep2   # chapter 4's EP + ZeRO-1
+    torchrun --nproc_per_node=2 train.py --pp 2 --stages pretrain,sft --out runs/ep2 --resume   # as PP 2
 """
 
 from __future__ import annotations
@@ -719,6 +728,7 @@ def train(tc: TrainConfig, out: str, resume: bool = False, export_dir: str | Non
         state = load_checkpoint(run.ckpt_path, tc)
         load_model_state(model, state["model"], run.ckpt_path)
         run.truncate_metrics(state["metrics_lines"])
+    if resume:
         console.print(f"resuming {out}: stage {state['stage']}, step {state['step']}, "
                       f"finished: {', '.join(state['results']) or 'none'}")
     run.start(tc, resume)
@@ -921,8 +931,9 @@ def main(argv=None) -> int:
     if args.resume and not args.export_hf:
         where = os.path.join(out, "ckpt", "last.json")
         if os.path.isfile(where) and set(tc.stages) <= set(json.load(open(where))["finished"]):
-            print(f"{out}: every stage ({','.join(tc.stages)}) is finished; nothing to do "
-                  "(add --export-hf DIR, or later stages with --stages)", file=sys.stderr)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{out}: every stage ({','.join(tc.stages)}) is finished; nothing to do "
+                      "(add --export-hf DIR, or later stages with --stages)", file=sys.stderr)
             return 2
     check_fits(p, tc)
     world = int(os.environ.get("WORLD_SIZE", "1"))

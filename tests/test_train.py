@@ -246,7 +246,7 @@ def _torchrun(out, *extra, nproc=2):
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_torchrun_two_ranks_give_the_one_process_losses_and_resume_under_another_layout(tmp_path):
+def test_torchrun_two_ranks_give_the_one_process_losses_and_resume_under_another_layout(tmp_path, capsys):
     """2 gloo ranks (EP 2 for pretraining; resumed from its DCP checkpoint as PP 2 for SFT) vs one process."""
     ref = str(tmp_path / "one")
     assert run_main(["--quick", "--pretrain-steps", "4", "--sft-steps", "2", "--stages", "pretrain,sft",
@@ -269,6 +269,9 @@ def test_torchrun_two_ranks_give_the_one_process_losses_and_resume_under_another
     for stage in ("pretrain", "sft"):
         w1, w2 = weights(ref, stage), weights(out, stage)
         assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    code, err = run_main(["--quick", "--pretrain-steps", "4", "--sft-steps", "2", "--stages", "pretrain,sft,rl",
+                          "--out", out, "--resume"], capsys)
+    assert code == 2 and "resume it under torchrun" in err  # a torchrun run (DCP) is not resumed in one process
 
 
 def test_bad_layouts_and_rl_under_torchrun_are_refused(tmp_path, monkeypatch, capsys):
