@@ -32,7 +32,7 @@ Run:
     python bench.py --only moe --only mla_decode --json bench.json
     python bench.py --quick              # micro sizes, 2 repeats: checks the plumbing in well under a minute
     python bench.py --only train         # python train.py's wall clock (up to 10 minutes)
-    python bench.py --keep-freed-memory  # the same with glibc keeping freed memory (see chapter 1's README part)
+    python bench.py --keep-freed-memory  # the same with glibc keeping freed memory (see docs/01_moe.md)
 """
 
 from __future__ import annotations
