@@ -636,7 +636,9 @@ def dist_layout(p: argparse.ArgumentParser, args, tc: TrainConfig):
     except ValueError as e:
         p.error(f"argument {'--ep' if str(e).startswith('ep') else '--pp'}: {e}")
     shards = dims.dp * dims.ep * dims.n_microbatches
-    sizes = {"--batch-size": tc.batch_size, "SFT trajectories": tc.sft_batch_size, "SFT chats": tc.sft_short_batch_size}
+    sizes = {"--batch-size": tc.batch_size} if "pretrain" in tc.stages else {}
+    if "sft" in tc.stages:
+        sizes.update({"SFT trajectories": tc.sft_batch_size, "SFT chats": tc.sft_short_batch_size})
     for what, b in sizes.items():
         if b % shards:
             p.error(f"argument --pp: {what} per step = {b} does not divide into dp x ep x micro-batches (= pp) = "

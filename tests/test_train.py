@@ -283,6 +283,9 @@ def test_bad_layouts_and_rl_under_torchrun_are_refused(tmp_path, monkeypatch, ca
     assert code == 2 and "does not divide the world size 2" in err
     code, err = run_main(["--quick", "--out", out], capsys)
     assert code == 2 and "argument --stages: rl runs in one process for now" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # pp 2 x dp 2: SFT's 2 trajectories per step cannot split 4 ways
+    code, err = run_main(["--quick", "--stages", "pretrain,sft", "--pp", "2", "--out", out], capsys)
+    assert code == 2 and "SFT trajectories per step = 2 does not divide" in err
     monkeypatch.setenv("WORLD_SIZE", "1")
     code, err = run_main(["--quick", "--stages", "pretrain", "--ep", "2", "--out", out], capsys)
     assert code == 2 and "argument --ep" in err and "torchrun" in err
