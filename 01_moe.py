@@ -645,6 +645,21 @@ def plot_sparsity(args, sparsities, steps, mean_curve, console: Console) -> None
 # ---- speed: fast dispatch vs a dense SwiGLU of the same activated FLOPs ----
 
 
+
+def hf_deepseek_moe(D: int, Fd: int, E: int, K: int, impl: str):
+    """transformers' DeepseekV3MoE with our bench layer's shape (1 shared expert, no groups), N(0, 0.02) weights;
+    `impl` is its experts implementation ("eager" or "grouped_mm"). Raises ImportError without transformers."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    cfg = DeepseekV3Config(hidden_size=D, moe_intermediate_size=Fd, n_routed_experts=E, num_experts_per_tok=K,
+                           n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                           routed_scaling_factor=2.827)
+    cfg._experts_implementation = impl
+    hf = DeepseekV3MoE(cfg)
+    for p in hf.parameters():
+        nn.init.normal_(p, std=0.02)
+    return hf
+
 def bench(args, console: Console) -> None:
     T, D, E, K, Fd = args.bench_tokens, 512, 64, 8, 128
     torch.manual_seed(args.seed)
@@ -653,19 +668,12 @@ def bench(args, console: Console) -> None:
     dense = SwiGLU(D, (K + 1) * Fd)  # same activated FLOPs: K routed + 1 shared expert of width F
     variants = {"dense SwiGLU (width (K+1)·F)": dense, "MoE, fast dispatch (ours)": moe}
     try:
-        from transformers import DeepseekV3Config
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+        import transformers  # noqa: F401  (optional: DeepseekV3MoE for comparison)
     except ImportError:
         console.print("transformers not installed: skipping DeepseekV3MoE")
     else:
         for impl in ("eager", "grouped_mm"):  # transformers' per-expert loop, and its grouped-matmul kernel path
-            cfg = DeepseekV3Config(hidden_size=D, moe_intermediate_size=Fd, n_routed_experts=E, num_experts_per_tok=K,
-                                   n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
-                                   routed_scaling_factor=2.827)
-            cfg._experts_implementation = impl
-            hf = DeepseekV3MoE(cfg)
-            for p in hf.parameters():
-                nn.init.normal_(p, std=0.02)
+            hf = hf_deepseek_moe(D, Fd, E, K, impl)
             try:
                 hf(torch.randn(1, 8, D, requires_grad=True)).sum().backward()
             except Exception as err:  # an implementation this torch build cannot run on this device

@@ -208,23 +208,17 @@ def row_moe_dispatch(o: Opts) -> RowResult:
     moe, _, (T, D, E, K, Fd) = _moe_pair(quick)
     x0 = torch.randn(1, T, D)
     res = RowResult("moe_dispatch")
-    naive = importlib.import_module("01_moe").MoE(D, Fd, E, K, n_shared_experts=1, dispatch="naive")
+    moe_mod = importlib.import_module("01_moe")
+    naive = moe_mod.MoE(D, Fd, E, K, n_shared_experts=1, dispatch="naive")
     naive.load_state_dict(moe.state_dict())
     fns = {"fast": _fwd_bwd(moe, x0, True), "naive loop": _fwd_bwd(naive, x0, True)}
     try:
-        from transformers import DeepseekV3Config
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+        import transformers  # noqa: F401  (optional: DeepseekV3MoE for comparison)
     except ImportError:
         res.notes.append("moe_dispatch: transformers not installed, DeepseekV3MoE skipped")
     else:
         for impl in ("eager", "grouped_mm"):
-            cfg = DeepseekV3Config(hidden_size=D, moe_intermediate_size=Fd, n_routed_experts=E, num_experts_per_tok=K,
-                                   n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
-                                   routed_scaling_factor=2.827)
-            cfg._experts_implementation = impl
-            hf = DeepseekV3MoE(cfg)
-            for p in hf.parameters():
-                torch.nn.init.normal_(p, std=0.02)
+            hf = moe_mod.hf_deepseek_moe(D, Fd, E, K, impl)
             try:
                 _fwd_bwd(hf, x0[:, :8], True)()
             except Exception as err:  # an implementation this torch build cannot run on this device

@@ -333,7 +333,7 @@ def test_bad_dims_raise_naming_the_flag(kw, match):
         par.ParallelDims(**kw)
 
 
-def test_from_env_and_batch_split_errors(monkeypatch):
+def test_from_env_and_batch_split_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
     assert par.ParallelDims.from_env(pp=3, n_microbatches=3).dp == 2
     with pytest.raises(ValueError, match=r"pp \(--pp\) x ep \(--ep\) = 2 x 2 = 4 does not divide"):

@@ -354,7 +354,7 @@ def scenario_injected(rank, world):
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_engine_missing_tensor_and_injected_error():
+def test_engine_catches_missing_tensor_and_injected_failure():
     out = run_ranks(scenario_missing, 2)
     assert all(v.startswith("caught") and "big" in v for v in out.values()), out
     out = run_ranks(scenario_injected, 3)

@@ -193,7 +193,7 @@ def test_ctrl_c_is_one_line():
     assert err.strip() == "interrupted"
 
 
-def test_flag_error_names_the_flag_the_user_typed(capsys):
+def test_flag_mapping_names_the_flag_the_user_typed(capsys):
     p = argparse.ArgumentParser(prog="x")
     with pytest.raises(SystemExit):
         cli.flag_error(p, ValueError("num_experts_per_tok must be in [1, n_routed_experts=4], got 9"),
